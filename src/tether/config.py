@@ -1,0 +1,169 @@
+"""Typed configuration. One flat set of keys, the same in Python, YAML and on the command line.
+
+Every value is checked once, at construction; a config is never changed after that.
+"""
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from tether.ops.kl import ESTIMATORS
+
+KLEstimatorName = Literal["kl", "k1", "abs", "mse", "k2", "k3", "full"]
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    # --- what to train, on what, against what --------------------------------------------
+    model: str = ""
+    """Policy: a hub name or a local folder for AutoModelForCausalLM (a module can be passed to PPOTrainer instead)."""
+    prompts: str | None = None
+    """Prompt data: a JSONL or CSV file with a `prompt` column (the Python API also takes a list or a Dataset)."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt text in the prompt file or Dataset."""
+    reward: str | None = None
+    """Reward: `package.module:function` taking (prompts, completions) -> list of floats, or a folder with a
+    sequence-classification reward model (the Python API also takes a callable)."""
+    output_dir: str = "runs/ppo"
+    """Run folder: metrics.jsonl, samples, resolved config, final policy."""
+    seed: int = 0
+    """Seed for data order, sampling and value-head initialisation."""
+
+    # --- sizes -----------------------------------------------------------------------------
+    steps: int = 20
+    """Number of PPO steps (each: one batch of rollouts, then ppo_epochs of optimisation)."""
+    batch_size: int = 16
+    """Rollouts (prompt + completion) per step."""
+    minibatch_size: int = 4
+    """Rollouts per optimiser step; must divide batch_size."""
+    ppo_epochs: int = 4
+    """Passes over each batch of rollouts."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per minibatch (same update, less memory); must divide minibatch_size."""
+
+    # --- optimiser -------------------------------------------------------------------------
+    learning_rate: float = 1e-5
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    lr_scheduler_type: str = "constant"
+    """A transformers scheduler name: constant, linear, cosine, ... (over steps * updates per step)."""
+    warmup_steps: int = 0
+    """Optimiser steps of linear warm-up (for schedulers that use it)."""
+
+    # --- generation (every setting here is replayed when scoring) ---------------------------
+    max_new_tokens: int = 32
+    """Most tokens sampled per completion."""
+    min_new_tokens: int = 0
+    """EOS is suppressed until this many tokens are sampled (replayed when scoring)."""
+    temperature: float = 1.0
+    """Sampling temperature; the reference is scored at the same temperature."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set with this much probability (1 = off)."""
+    repetition_penalty: float = 1.0
+    """CTRL repetition penalty (1 = off)."""
+    no_repeat_ngram_size: int = 0
+    """Forbid repeating any n-gram of this size (0 = off)."""
+    generation_kwargs: dict = field(default_factory=dict)
+    """Other `generate` settings. Only listed so that settings tether cannot replay (beam search, greedy,
+    contrastive search, ...) are refused by name rather than ignored."""
+
+    # --- KL tether ------------------------------------------------------------------------
+    kl_estimator: KLEstimatorName = "kl"
+    """Per-token KL estimator: kl (k1), abs, mse (k2), k3, or full (exact, over the vocabulary)."""
+    init_kl_coef: float = 0.05
+    """beta in R = r - beta * KL (the starting value when adaptive_kl)."""
+    adaptive_kl: bool = False
+    """Adapt beta toward kl_target (Ziegler et al. 2019)."""
+    kl_target: float = 6.0
+    """Target objective/kl for the adaptive controller."""
+    kl_horizon: float = 10000.0
+    """Horizon (in episodes) of the adaptive controller."""
+
+    # --- rewards and advantages -------------------------------------------------------------
+    score_scale: float = 1.0
+    """Multiply every score by this before use."""
+    score_norm: bool = False
+    """Divide scores by their running std (and remove the running mean) across steps."""
+    score_clip: float | None = None
+    """Clip (processed) scores to [-score_clip, score_clip]."""
+    whiten_rewards: bool = False
+    """Whiten per-token rewards over the batch (keeping their mean) before GAE."""
+    gamma: float = 1.0
+    """Discount factor of GAE."""
+    lam: float = 0.95
+    """lambda of GAE."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the batch."""
+
+    # --- PPO loss ---------------------------------------------------------------------------
+    cliprange: float = 0.2
+    """Policy ratio clip epsilon."""
+    cliprange_value: float = 0.2
+    """Value prediction clip around the rollout-time value."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+
+    # --- logging ----------------------------------------------------------------------------
+    samples_every: int = 1
+    """Write completions to samples.jsonl every this many steps (0 = never)."""
+    samples_per_step: int = 8
+    """How many completions to write each time."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ..."""
+
+    def __post_init__(self) -> None:
+        errors = list(_errors(self))
+        if errors:
+            raise ValueError("invalid PPOConfig:\n  - " + "\n  - ".join(errors))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _errors(c: PPOConfig):
+    def positive(name: str) -> None:
+        if not getattr(c, name) > 0:
+            problems.append(f"{name}={getattr(c, name)!r} must be > 0")
+
+    def non_negative(name: str) -> None:
+        if not getattr(c, name) >= 0:
+            problems.append(f"{name}={getattr(c, name)!r} must be >= 0")
+
+    def in_unit(name: str, low_open: bool) -> None:
+        value = getattr(c, name)
+        ok = (0 < value <= 1) if low_open else (0 <= value <= 1)
+        if not ok:
+            problems.append(f"{name}={value!r} must be in {'(0' if low_open else '[0'}, 1]")
+
+    problems: list[str] = []
+    for name in ("steps", "batch_size", "minibatch_size", "ppo_epochs", "gradient_accumulation_steps",
+                 "max_new_tokens", "learning_rate", "temperature", "cliprange", "cliprange_value",
+                 "kl_target", "kl_horizon", "samples_per_step"):
+        positive(name)
+    for name in ("min_new_tokens", "top_k", "no_repeat_ngram_size", "init_kl_coef", "vf_coef", "weight_decay",
+                 "max_grad_norm", "warmup_steps", "samples_every", "score_scale"):
+        non_negative(name)
+    in_unit("top_p", low_open=True)
+    in_unit("gamma", low_open=False)
+    in_unit("lam", low_open=False)
+    if not c.repetition_penalty > 0:
+        problems.append(f"repetition_penalty={c.repetition_penalty!r} must be > 0")
+    if c.score_clip is not None and not c.score_clip > 0:
+        problems.append(f"score_clip={c.score_clip!r} must be > 0 (or unset)")
+    if c.kl_estimator not in ESTIMATORS:
+        problems.append(f"kl_estimator={c.kl_estimator!r} is not one of {sorted(ESTIMATORS)}")
+    if c.batch_size > 0 and c.minibatch_size > 0 and c.batch_size % c.minibatch_size:
+        problems.append(f"minibatch_size={c.minibatch_size} does not divide batch_size={c.batch_size}")
+    if c.minibatch_size > 0 and c.gradient_accumulation_steps > 0 and c.minibatch_size % c.gradient_accumulation_steps:
+        problems.append(f"gradient_accumulation_steps={c.gradient_accumulation_steps} does not divide "
+                        f"minibatch_size={c.minibatch_size}")
+    if c.min_new_tokens > c.max_new_tokens > 0:
+        problems.append(f"min_new_tokens={c.min_new_tokens} exceeds max_new_tokens={c.max_new_tokens}")
+    from tether.rollout.sampling import generation_kwargs_errors  # the rules live beside the sampler
+
+    problems.extend(generation_kwargs_errors(c.generation_kwargs))
+    return problems

@@ -1,0 +1,37 @@
+"""Prompt sources: a list of strings, a `datasets.Dataset`, or a JSONL / CSV file with a prompt column."""
+
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+
+_FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv"}
+
+
+def load_prompts(source, column: str = "prompt") -> list[str]:
+    """Return the prompts as strings, checked row by row (errors name the row index)."""
+    where = "prompts"
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.suffix not in _FILE_TYPES:
+            raise ValueError(f"prompts file {str(path)!r}: expected one of {sorted(_FILE_TYPES)} (a JSONL or CSV "
+                             f"file with a {column!r} column)")
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
+        source = load_dataset(_FILE_TYPES[path.suffix], data_files=str(path), split="train")
+        where = f"prompts file {str(path)!r}"
+    if isinstance(source, Dataset):
+        if column not in source.column_names:
+            raise ValueError(f"{where} has no {column!r} column (columns: {source.column_names}); "
+                             f"set `prompt_column` to the right one")
+        source = source[column]
+    if not isinstance(source, (list, tuple)):
+        raise TypeError(f"prompts must be a list of strings, a datasets.Dataset or a .jsonl/.csv path, "
+                        f"not {type(source).__name__}")
+    if len(source) == 0:
+        raise ValueError(f"{where} is empty: PPO needs at least one prompt")
+    for i, prompt in enumerate(source):
+        if not isinstance(prompt, str):
+            raise TypeError(f"{where}, row {i}: prompt must be a string, got {type(prompt).__name__} {prompt!r}")
+        if not prompt.strip():
+            raise ValueError(f"{where}, row {i}: prompt is empty")
+    return list(source)

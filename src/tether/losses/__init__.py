@@ -1,0 +1,3 @@
+from tether.losses.ppo import policy_loss, value_loss
+
+__all__ = ["policy_loss", "value_loss"]

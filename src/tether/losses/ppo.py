@@ -1,0 +1,68 @@
+"""Clipped PPO losses (Schulman et al. 2017, eq. 7; value clipping as in OpenAI baselines ppo2).
+
+Both are token-level means over the mask and return (loss, stats) with detached stats.
+`scale` multiplies the loss only: gradient accumulation passes (tokens in this micro-batch) /
+(tokens in the whole minibatch) so that accumulated micro-batches equal one big minibatch.
+"""
+
+import torch
+from torch import Tensor
+
+from tether.ops.masks import masked_mean, masked_var
+
+
+def policy_loss(
+    logprobs: Tensor,  # (B, T) log pi_theta(a_t | s_t), sampling-processed, with grad
+    old_logprobs: Tensor,  # (B, T) the same under the policy that generated the rollout
+    advantages: Tensor,  # (B, T)
+    mask: Tensor,  # (B, T)
+    cliprange: float,
+    scale: float = 1.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        # With top-k / top-p a sampled token can leave the updated policy's support: ratio 0 is the
+        # right importance weight, but log_ratio = -inf would make these diagnostics inf.
+        finite_log_ratio = log_ratio.clamp(-20.0, 20.0)
+        stats = {
+            "approxkl": 0.5 * masked_mean(finite_log_ratio**2, mask),
+            "policykl": masked_mean(-finite_log_ratio, mask),
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "ratio_mean": masked_mean(ratio, mask),
+            "loss": loss.detach(),
+        }
+    return loss * scale, stats
+
+
+def value_loss(
+    values: Tensor,  # (B, T) V_theta(s_t), with grad
+    old_values: Tensor,  # (B, T) V at rollout time
+    returns: Tensor,  # (B, T) GAE returns, the regression target
+    mask: Tensor,  # (B, T)
+    cliprange_value: float,
+    scale: float = 1.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    err_unclipped = (values - returns) ** 2
+    err_clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err_unclipped, err_clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((err_clipped > err_unclipped).float(), mask),
+            "var_explained": explained_variance(values, returns, mask),
+            "vpred": masked_mean(values, mask),
+            "loss": loss.detach(),
+        }
+    return loss * scale, stats
+
+
+def explained_variance(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """1 - Var[target - pred] / Var[target] over the mask: 1 is perfect, 0 is a constant guess."""
+    var_target = masked_var(target, mask, unbiased=False)
+    if var_target == 0:
+        return torch.tensor(float("nan"))
+    return 1.0 - masked_var(target - pred, mask, unbiased=False) / var_target

@@ -1,0 +1,80 @@
+"""Reward adapters: everything becomes `(prompts, completions) -> list[float]`, checked on return."""
+
+import importlib
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+def resolve_reward(reward, device: torch.device | str = "cpu", batch_size: int = 16) -> RewardFn:
+    """A callable as is; `package.module:function` imported; a folder loaded as a reward model."""
+    if callable(reward):
+        return reward
+    if not isinstance(reward, str) or not reward:
+        raise ValueError("no reward given: pass a callable, `package.module:function`, or a reward-model folder")
+    if Path(reward).is_dir():
+        return RewardModel(reward, device=device, batch_size=batch_size)
+    if ":" not in reward:
+        raise ValueError(f"reward {reward!r} is neither `package.module:function` nor an existing folder")
+    module_name, _, attr = reward.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"reward {reward!r}: cannot import {attr!r} from module {module_name!r}: {err}") from err
+    if not callable(fn):
+        raise TypeError(f"reward {reward!r} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def score_batch(reward: RewardFn, prompts: list[str], completions: list[str]) -> torch.Tensor:
+    """Call the reward and check what comes back: one finite number per completion."""
+    try:
+        scores = reward(prompts, completions)
+    except Exception as err:
+        raise RuntimeError(f"the reward function raised {type(err).__name__}: {err}") from err
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().float().reshape(-1).tolist()
+    try:
+        scores = list(scores)
+    except TypeError:
+        raise TypeError(f"the reward must return a list of numbers, got {type(scores).__name__}") from None
+    if len(scores) != len(completions):
+        raise ValueError(f"the reward returned {len(scores)} scores for {len(completions)} completions")
+    for i, s in enumerate(scores):
+        if isinstance(s, bool) or not isinstance(s, numbers.Real):
+            raise TypeError(f"the reward returned {s!r} ({type(s).__name__}) for completion {i}; expected a number."
+                            f" Prompt: {prompts[i]!r} Completion: {completions[i]!r}")
+        if not math.isfinite(s):
+            raise ValueError(f"the reward returned {s} for completion {i}. "
+                             f"Prompt: {prompts[i]!r} Completion: {completions[i]!r}")
+    return torch.tensor([float(s) for s in scores])
+
+
+class RewardModel:
+    """A sequence-classification model with its own tokenizer; scores logit 0 of prompt + completion."""
+
+    def __init__(self, path: str, device: torch.device | str = "cpu", batch_size: int = 16) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.device, self.batch_size = device, batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+        texts = [p + c for p, c in zip(prompts, completions)]
+        scores = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True, truncation=True)
+            logits = self.model(**enc.to(self.device)).logits
+            scores.extend(logits[:, 0].float().tolist())
+        return scores

@@ -1,0 +1,74 @@
+"""Batched sampling with a KV cache, prompts left-padded.
+
+Our own loop rather than `model.generate`: every processing step is `Sampler.step_scores`, the very
+function replayed at scoring time, and nothing from a model's generation_config (default top_k=50,
+for instance) can slip in unseen.
+"""
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from tether.ops.masks import response_mask
+from tether.rollout.sampling import Sampler
+
+
+@dataclass
+class Rollout:
+    query_ids: Tensor  # (B, P) prompt tokens, left-padded
+    query_mask: Tensor  # (B, P) 1 on real prompt tokens
+    response_ids: Tensor  # (B, T) sampled tokens; pad after the first EOS
+    response_mask: Tensor  # (B, T) 1 up to and including the first EOS
+    sample_logprobs: Tensor  # (B, T) log pi(a_t | s_t) under the processed distribution that sampled a_t
+
+
+def positions(attention_mask: Tensor) -> Tensor:
+    """Position ids that ignore left padding: the first real token is position 0, in generation and in scoring."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """transformers renamed `past_key_values` to `cache` in 5.x; accept either."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    sampler: Sampler,
+    query_ids: Tensor,  # (B, P) left-padded
+    query_mask: Tensor,  # (B, P)
+    max_new_tokens: int,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    eos = sampler.eos_token_ids.to(query_ids.device)
+    cache_key = cache_kwarg(model)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    ids, mask = query_ids, query_mask.long()
+    pos = positions(mask)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
+    next_pos = pos[:, -1:] + 1
+    finished = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+    tokens, logps = [], []
+    for t in range(max_new_tokens):
+        scores = sampler.step_scores(out.logits[:, -1], ids, mask, t)  # (B, V)
+        logp_all = torch.log_softmax(scores, dim=-1)
+        token = torch.multinomial(logp_all.exp(), 1, generator=generator)  # (B, 1)
+        logps.append(logp_all.gather(-1, token))
+        token = torch.where(finished[:, None], torch.full_like(token, pad_token_id), token)
+        tokens.append(token)
+        finished |= torch.isin(token[:, 0], eos)
+        ids = torch.cat([ids, token], 1)
+        mask = torch.cat([mask, torch.ones_like(token)], 1)
+        if finished.all() or t == max_new_tokens - 1:
+            break
+        cache = getattr(out, cache_key)
+        out = model(input_ids=token, attention_mask=mask, position_ids=next_pos + t, use_cache=True,
+                    **{cache_key: cache})
+    response = torch.cat(tokens, 1)
+    resp_mask = response_mask(response, eos)
+    return Rollout(query_ids, query_mask.long(), response, resp_mask, torch.where(resp_mask.bool(), torch.cat(logps, 1), 0.0))

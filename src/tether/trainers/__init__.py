@@ -1,0 +1,3 @@
+from tether.trainers.ppo import Generation, PPOTrainer
+
+__all__ = ["Generation", "PPOTrainer"]

@@ -1,0 +1,29 @@
+"""Padding helpers. Masks come from lengths, never from comparing ids with pad (pad may equal EOS)."""
+
+import torch
+from torch import Tensor
+
+
+def left_pad(seqs: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Prompts: real tokens flush right so every prompt ends where the response starts."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s):], mask[i, width - len(s):] = s, 1
+    return ids, mask
+
+
+def right_pad(seqs: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = s, 1
+    return ids, mask
+
+
+def minibatches(batch_size: int, minibatch_size: int, generator: torch.Generator) -> list[Tensor]:
+    """A fresh random partition of range(batch_size) into minibatches."""
+    return list(torch.randperm(batch_size, generator=generator).split(minibatch_size))

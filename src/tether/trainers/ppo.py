@@ -1,0 +1,329 @@
+"""PPO with a frozen reference on a KL tether. `step` reads as DESIGN.md's numbered data flow:
+
+    1 generate -> 2 score -> 3 forward -> 4 shape -> 5 advantages -> 6 optimise -> 7 control
+"""
+
+import logging
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import AutoTokenizer, get_scheduler
+
+from tether.config import PPOConfig
+from tether.data import load_prompts
+from tether.losses.ppo import policy_loss, value_loss
+from tether.models.policy import PolicyWithValueHead, frozen_reference, load_causal_lm, response_forward
+from tether.models.rewards import resolve_reward, score_batch
+from tether.ops import entropy_from_logits, gae, gather_logprobs, get_estimator, masked_mean, masked_whiten
+from tether.ops.masks import response_mask
+from tether.ops.kl_control import AdaptiveKLController, FixedKLController
+from tether.ops.rewards import RunningMoments, shape_rewards
+from tether.rollout import Sampler, sample
+from tether.trainers.batching import left_pad, minibatches, right_pad
+from tether.trainers.run import RunLogger
+
+log = logging.getLogger("tether")
+
+
+@dataclass
+class Generation:
+    queries: list[Tensor]  # each (P_i,) prompt ids, unpadded
+    responses: list[Tensor]  # each (T_i,) sampled ids up to and including the first EOS
+    texts: list[str]  # decoded responses
+
+
+@dataclass
+class Scored:
+    """A rollout batch after step 3; every (B, T) tensor is 0 outside `mask`."""
+
+    query_ids: Tensor  # (B, P) left-padded
+    query_mask: Tensor  # (B, P)
+    response_ids: Tensor  # (B, T)
+    mask: Tensor  # (B, T) response mask: up to and including the first EOS
+    logprobs: Tensor  # (B, T) log pi_old(a_t | s_t), sampling-processed
+    ref_logprobs: Tensor  # (B, T) log ref(a_t | s_t) at the sampling temperature
+    values: Tensor  # (B, T) V_old(s_t)
+    kl: Tensor  # (B, T) per-token KL estimate
+    entropy: Tensor  # (B, T) entropy of the processed sampling distribution
+
+
+class PPOTrainer:
+    def __init__(self, config: PPOConfig, model=None, tokenizer=None, prompts=None, reward=None,
+                 logits_processors=()) -> None:
+        self.config = c = config
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
+        _seed_everything(c.seed)
+        self.tokenizer = _load_tokenizer(tokenizer, model if model is not None else c.model)
+        self.prompts = load_prompts(prompts if prompts is not None else c.prompts, c.prompt_column) \
+            if (prompts is not None or c.prompts) else None
+        reward = reward if reward is not None else c.reward
+        self.reward = resolve_reward(reward, self.device, c.batch_size) if reward is not None else None
+
+        lm = load_causal_lm(model if model is not None else c.model).to(self.device).eval()
+        self.policy = PolicyWithValueHead(lm, seed=c.seed)
+        self.ref = frozen_reference(lm)
+        self.eos_token_ids = _eos_ids(self.tokenizer, lm)
+        self.sampler = Sampler(self.eos_token_ids, c.temperature, c.top_k, c.top_p, c.min_new_tokens,
+                               c.repetition_penalty, c.no_repeat_ngram_size, logits_processors)
+        self.encoded_prompts = [self._encode(p, f"prompt row {i}") for i, p in enumerate(self.prompts or [])]
+
+        self.estimator = get_estimator(c.kl_estimator)
+        self.kl_ctl = (AdaptiveKLController(c.init_kl_coef, c.kl_target, c.kl_horizon) if c.adaptive_kl
+                       else FixedKLController(c.init_kl_coef))
+        self.score_moments = RunningMoments()
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay)
+        updates = c.steps * c.ppo_epochs * (c.batch_size // c.minibatch_size)
+        self.scheduler = get_scheduler(c.lr_scheduler_type, self.optimizer, num_warmup_steps=c.warmup_steps,
+                                       num_training_steps=updates)
+        self.sample_generator = torch.Generator(self.device).manual_seed(c.seed)
+        self.shuffle_generator = torch.Generator().manual_seed(c.seed + 1)
+        self.step_count = 0
+        self.support_flips = 0  # sampled tokens that replay put outside the sampler's support (round-off)
+
+    # ---- step API -----------------------------------------------------------------------------
+    def generate(self, queries: list[str] | list[Tensor]) -> Generation:
+        """1. Sample one completion per query with the configured sampler."""
+        query_tensors = [q if isinstance(q, Tensor) else self._encode(q, f"query {i}") for i, q in enumerate(queries)]
+        ids, mask = left_pad(query_tensors, self.tokenizer.pad_token_id)
+        rollout = sample(self.policy.model, self.sampler, ids.to(self.device), mask.to(self.device),
+                         self.config.max_new_tokens, self.tokenizer.pad_token_id, self.sample_generator)
+        lengths = rollout.response_mask.sum(-1).long().tolist()
+        responses = [rollout.response_ids[i, :n].cpu() for i, n in enumerate(lengths)]
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        return Generation([q.cpu() for q in query_tensors], responses, texts)
+
+    def step(self, queries: list[Tensor], responses: list[Tensor], scores) -> dict[str, float]:
+        """2-7. One PPO update on rollouts sampled by `generate` (token ids, not re-tokenised text)."""
+        t0 = time.perf_counter()
+        c = self.config
+        if not (len(queries) == len(responses) == c.batch_size):
+            raise ValueError(f"step got {len(queries)} queries and {len(responses)} responses; "
+                             f"both must equal batch_size={c.batch_size}")
+        if any(len(r) == 0 for r in responses):
+            raise ValueError("every response needs at least one token")
+        raw_scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
+        if len(raw_scores) != c.batch_size or not torch.isfinite(raw_scores).all():
+            raise ValueError(f"step needs {c.batch_size} finite scores, got {raw_scores.tolist()}")
+        batch = self._forward_rollouts(queries, responses)  # 3
+        beta = self.kl_ctl.value
+        rewards, non_score = shape_rewards(self._process_scores(raw_scores).to(self.device), batch.kl,
+                                           batch.mask, beta)  # 4
+        if c.whiten_rewards:
+            rewards = masked_whiten(rewards, batch.mask, shift_mean=False)
+        advantages, returns = gae(rewards, batch.values, batch.mask, c.gamma, c.lam)  # 5
+        if c.whiten_advantages:
+            advantages = masked_whiten(advantages, batch.mask)
+        train_stats = self._optimise(batch, advantages, returns)  # 6
+        kl_per_seq = batch.kl.sum(-1)
+        self._last_kl_per_seq = kl_per_seq.tolist()
+        self.kl_ctl.update(kl_per_seq.mean().item(), c.batch_size)  # 7
+        self.step_count += 1
+        stats = {
+            "env/reward_mean": raw_scores.mean().item(),
+            "env/reward_std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
+            "objective/kl": kl_per_seq.mean().item(),
+            "objective/kl_coef": beta,
+            "objective/entropy": masked_mean(batch.entropy, batch.mask).item(),
+            "objective/scores": raw_scores.mean().item(),
+            "objective/non_score_reward": non_score.sum(-1).mean().item(),
+            "ppo/returns/mean": masked_mean(returns, batch.mask).item(),
+            "ppo/learning_rate": self.scheduler.get_last_lr()[0],
+            "tokens/response_len_mean": batch.mask.sum(-1).mean().item(),
+            "tokens/eos_rate": _eos_rate(batch, self.eos_token_ids),
+            "rollout/support_flips": float(self.support_flips),
+            **train_stats,
+            "time/step": time.perf_counter() - t0,
+        }
+        self._warn_if_negative_kl(kl_per_seq)
+        return stats
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def train(self) -> list[dict[str, float]]:
+        """Run `steps` PPO steps over the prompts; metrics to OUTPUT_DIR/metrics.jsonl and the console."""
+        c = self.config
+        if self.prompts is None or self.reward is None:
+            raise ValueError("train() needs prompts and a reward (config keys `prompts` and `reward`, "
+                             "or the PPOTrainer arguments)")
+        history = []
+        with RunLogger(c, total=c.steps) as run:
+            for _ in range(c.steps):
+                t0 = time.perf_counter()
+                indices = self._next_prompt_indices()
+                prompts = [self.prompts[i] for i in indices]
+                gen = self.generate([self.encoded_prompts[i] for i in indices])  # 1
+                t_gen = time.perf_counter() - t0
+                scores = score_batch(self.reward, prompts, gen.texts)  # 2
+                stats = self.step(gen.queries, gen.responses, scores)  # 3-7
+                n_tokens = sum(len(r) for r in gen.responses)
+                stats.update({"time/generate": t_gen, "time/step": time.perf_counter() - t0,
+                              "throughput/tokens_per_s": n_tokens / (time.perf_counter() - t0)})
+                run.log(self.step_count, stats, prompts, gen.texts, scores, self._last_kl_per_seq)
+                history.append(stats)
+            self.save(Path(c.output_dir) / "policy")
+        return history
+
+    def save(self, directory: str | Path) -> None:
+        self.policy.save_pretrained(directory, self.tokenizer)
+
+    # ---- internals ------------------------------------------------------------------------
+    @torch.no_grad()
+    def _forward_rollouts(self, queries: list[Tensor], responses: list[Tensor]) -> Scored:
+        """3. Policy log-probs and values, reference log-probs, KL; in minibatch-sized chunks."""
+        pad = self.tokenizer.pad_token_id
+        q_ids, q_mask = (t.to(self.device) for t in left_pad(queries, pad))
+        r_ids, r_len_mask = (t.to(self.device) for t in right_pad(responses, pad))
+        mask = response_mask(r_ids, self.eos_token_ids) * r_len_mask
+        parts = []
+        for idx in torch.arange(len(queries), device=self.device).split(self.config.minibatch_size):
+            logits, values = self.policy(q_ids[idx], q_mask[idx], r_ids[idx])
+            scores = self._replay(logits, q_ids[idx], q_mask[idx], r_ids[idx])
+            ref_logits, _ = response_forward(self.ref, q_ids[idx], q_mask[idx], r_ids[idx])
+            ref_scores = self.sampler.reference_scores(ref_logits)
+            logprobs = gather_logprobs(scores, r_ids[idx])
+            # A token sampled right at a top-k / top-p boundary can fall outside the replayed support by
+            # float round-off (cached vs teacher-forced forward). Score it untruncated rather than as -inf.
+            outside = ~torch.isfinite(logprobs) & mask[idx].bool()
+            if outside.any():
+                logprobs = torch.where(outside, gather_logprobs(self.sampler.reference_scores(logits),
+                                                                r_ids[idx]), logprobs)
+                self.support_flips += int(outside.sum())
+            ref_logprobs = gather_logprobs(ref_scores, r_ids[idx])
+            kl = (self.estimator.fn(scores, ref_scores) if self.estimator.needs_logits
+                  else self.estimator.fn(logprobs, ref_logprobs))
+            parts.append((logprobs, ref_logprobs, values, kl, entropy_from_logits(scores)))
+        # where, not multiply: after-EOS padding can score -inf under top-k replay, and -inf * 0 is nan
+        logprobs, ref_logprobs, values, kl, entropy = (torch.where(mask.bool(), torch.cat(p), 0.0) for p in zip(*parts))
+        return Scored(q_ids, q_mask, r_ids, mask, logprobs, ref_logprobs, values, kl, entropy)
+
+    def _replay(self, logits: Tensor, q_ids: Tensor, q_mask: Tensor, r_ids: Tensor) -> Tensor:
+        """Teacher-forced logits (B, T, V) -> the scores the sampler drew from (B, T, V)."""
+        ids = torch.cat([q_ids, r_ids], 1)
+        return self.sampler.sequence_scores(logits, ids, torch.cat([q_mask, torch.ones_like(r_ids)], 1))
+
+    def _optimise(self, b: Scored, advantages: Tensor, returns: Tensor) -> dict[str, float]:
+        """6. ppo_epochs passes of shuffled minibatches; micro-batches accumulate to the minibatch's
+        token-mean loss exactly (each micro-batch's loss is weighted by its share of the tokens)."""
+        c = self.config
+        micro = c.minibatch_size // c.gradient_accumulation_steps
+        totals: dict[str, float] = {}
+        n_updates = 0
+        for _ in range(c.ppo_epochs):
+            for mb in minibatches(c.batch_size, c.minibatch_size, self.shuffle_generator):
+                mb = mb.to(self.device)
+                tokens = b.mask[mb].sum()
+                self.optimizer.zero_grad(set_to_none=True)
+                for j in mb.split(micro):
+                    logits, vpred = self.policy(b.query_ids[j], b.query_mask[j], b.response_ids[j])
+                    scores = self._replay(logits, b.query_ids[j], b.query_mask[j], b.response_ids[j])
+                    new_logprobs = gather_logprobs(scores, b.response_ids[j])
+                    share = (b.mask[j].sum() / tokens).item()
+                    pg, pg_stats = policy_loss(new_logprobs, b.logprobs[j], advantages[j], b.mask[j], c.cliprange, share)
+                    vf, vf_stats = value_loss(vpred, b.values[j], returns[j], b.mask[j], c.cliprange_value, share)
+                    (pg + c.vf_coef * vf).backward()
+                    for prefix, st in (("ppo/policy/", pg_stats), ("ppo/val/", vf_stats)):
+                        for k, v in st.items():
+                            totals[prefix + k] = totals.get(prefix + k, 0.0) + share * v.item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
+                                                           c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
+                totals["ppo/grad_norm"] = totals.get("ppo/grad_norm", 0.0) + grad_norm.item()
+                self.optimizer.step()
+                self.scheduler.step()
+                n_updates += 1
+        stats = {k: v / n_updates for k, v in totals.items()}
+        stats["ppo/loss/policy"] = stats.pop("ppo/policy/loss")
+        stats["ppo/loss/value"] = stats.pop("ppo/val/loss")
+        stats["ppo/loss/total"] = stats["ppo/loss/policy"] + c.vf_coef * stats["ppo/loss/value"]
+        return stats
+
+    def _process_scores(self, scores: Tensor) -> Tensor:
+        c = self.config
+        scores = scores * c.score_scale
+        if c.score_norm:
+            self.score_moments.update(scores)
+            scores = (scores - self.score_moments.mean) / max(self.score_moments.std, 1e-8)
+        if c.score_clip is not None:
+            scores = scores.clamp(-c.score_clip, c.score_clip)
+        return scores
+
+    def _next_prompt_indices(self) -> list[int]:
+        """Walk a seeded shuffle of the prompts; reshuffle on each pass over the data."""
+        if not getattr(self, "_order", None):
+            self._order = []
+        while len(self._order) < self.config.batch_size:
+            self._order += torch.randperm(len(self.prompts), generator=self.shuffle_generator).tolist()
+        indices, self._order = self._order[:self.config.batch_size], self._order[self.config.batch_size:]
+        return indices
+
+    def _encode(self, text: str, where: str) -> Tensor:
+        ids = torch.tensor(self.tokenizer(text)["input_ids"], dtype=torch.long)
+        context = _context_length(self.policy.model.config)
+        if len(ids) == 0:
+            raise ValueError(f"{where} {text!r} tokenises to no tokens")
+        if context is not None and len(ids) + self.config.max_new_tokens > context:
+            raise ValueError(f"{where} is {len(ids)} tokens; with max_new_tokens={self.config.max_new_tokens} that "
+                             f"exceeds the model's context of {context} tokens. Shorten the prompt or lower "
+                             f"max_new_tokens. Prompt starts: {text[:80]!r}")
+        return ids
+
+    def _warn_if_negative_kl(self, kl_per_seq: Tensor) -> None:
+        mean = kl_per_seq.mean().item()
+        if mean >= -1e-6:
+            return
+        stderr = (kl_per_seq.std() / len(kl_per_seq) ** 0.5).item() if len(kl_per_seq) > 1 else float("nan")
+        warnings.warn(
+            f"objective/kl = {mean:.4g} < 0 at step {self.step_count} (standard error {stderr:.3g}). A true KL "
+            f"cannot be negative; tether scores every sample under the distribution that drew it, so check: "
+            f"responses not produced by this trainer's generate() (other sampling settings, re-tokenised text, "
+            f"a custom generation loop); prompts padded differently than at generation; or, when |KL| is within "
+            f"~2 standard errors, noise of the `{self.estimator.name}` estimator near KL = 0 (`full` and `k3` "
+            f"are never negative).", stacklevel=3)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _load_tokenizer(tokenizer, model):
+    if tokenizer is None:
+        if not isinstance(model, str) or not model:
+            raise ValueError("pass tokenizer=... when the policy is given as a module rather than a name or folder")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"could not load a tokenizer for model {model!r}: {err}") from err
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; tether needs one to know where a completion ends")
+    if tokenizer.pad_token_id is None:
+        log.info("tokenizer has no pad token; using EOS (%r) for padding", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _eos_ids(tokenizer, model) -> list[int]:
+    """The tokenizer's EOS plus any extra EOS ids in the model's generation config (e.g. chat end tokens)."""
+    ids = {tokenizer.eos_token_id}
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    vocab = model.get_output_embeddings().out_features
+    ids.update(i for i in ([extra] if isinstance(extra, int) else (extra or [])) if 0 <= i < vocab)
+    return sorted(ids)
+
+
+def _context_length(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
+
+
+def _eos_rate(b: Scored, eos_ids: list[int]) -> float:
+    lengths = b.mask.sum(-1).long().clamp(min=1)
+    last = b.response_ids.gather(1, (lengths - 1)[:, None]).squeeze(1)
+    return torch.isin(last, torch.tensor(eos_ids, device=last.device)).float().mean().item()

@@ -1,0 +1,45 @@
+"""The run folder and the console: resolved config, metrics, samples, TensorBoard, a progress bar."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import yaml
+from tqdm.auto import tqdm
+
+from tether.report.sinks import JsonlSink, SamplesSink, TensorBoardSink
+
+
+class RunLogger:
+    def __init__(self, config, total: int) -> None:
+        self.config = config
+        self.dir = Path(config.output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        for stale in ("metrics.jsonl", "samples.jsonl"):  # a fresh run never mixes with an old one
+            (self.dir / stale).unlink(missing_ok=True)
+        self.sinks = [JsonlSink(self.dir / "metrics.jsonl")]
+        if importlib.util.find_spec("tensorboard") is not None:
+            self.sinks.append(TensorBoardSink(self.dir / "tb"))
+        self.samples = SamplesSink(self.dir / "samples.jsonl")
+        self.bar = tqdm(total=total, desc="ppo", unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, stats: dict, prompts, completions, scores, kl_per_seq) -> None:
+        for sink in self.sinks:
+            sink.log(stats, step)
+        every, n = self.config.samples_every, self.config.samples_per_step
+        if every and (step % every == 0 or step == 1):
+            rows = [{"prompt": p, "completion": c, "score": float(s), "kl": float(k)}
+                    for p, c, s, k in list(zip(prompts, completions, scores.tolist(), kl_per_seq))[:n]]
+            self.samples.log(rows, step)
+        self.bar.set_postfix(reward=f"{stats['env/reward_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}",
+                             tok_s=f"{stats.get('throughput/tokens_per_s', math.nan):.0f}")
+        self.bar.update(1)
+
+    def __enter__(self) -> "RunLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+        for sink in self.sinks + [self.samples]:
+            sink.close()

@@ -1,0 +1,140 @@
+"""The FAQ's negative-KL bug class, closed: samples are scored under the distribution that drew them."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import make_model, make_tokenizer
+from tether import PPOConfig
+from tether.models.policy import response_forward
+from tether.ops import ESTIMATORS, gather_logprobs
+from tether.rollout import Sampler, sample
+from tether.trainers.batching import left_pad
+from tether.trainers.ppo import PPOTrainer
+
+PROMPTS = ["the movie was", "i", "a very long plot and the actor was", "fun", "we really", "it is not quite"]
+SETTINGS = dict(top_k=5, top_p=0.8, min_new_tokens=8)
+
+
+def reference_and_policy(vocab_size: int):
+    """Untied GPT-2 pair. The reference is made peaked (logits x6); the policy is the same network with
+    flatter logits (x0.4 of that): on its top tokens it puts *less* mass than the reference, which is
+    exactly the FAQ's top-k exploit ("smooth out the distribution")."""
+    ref = make_model(vocab_size, seed=1)
+    ref.config.tie_word_embeddings = False
+    ref.lm_head.weight = torch.nn.Parameter(ref.transformer.wte.weight.detach().clone() * 6.0)
+    policy = copy.deepcopy(ref)
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(0.4)
+    return ref, policy
+
+
+def encode(tokenizer, prompts):
+    ids, mask = left_pad([torch.tensor(tokenizer(p)["input_ids"]) for p in prompts], tokenizer.pad_token_id)
+    assert len(set(mask.sum(1).tolist())) > 1, "prompts must have different lengths to exercise left padding"
+    return ids, mask
+
+
+def replayed_logprobs(model, sampler, q_ids, q_mask, r_ids):
+    logits, _ = response_forward(model, q_ids, q_mask, r_ids)
+    full = torch.cat([q_mask, torch.ones_like(r_ids)], 1)
+    return gather_logprobs(sampler.sequence_scores(logits, torch.cat([q_ids, r_ids], 1), full), r_ids)
+
+
+def test_replay_matches_transformers_generate_processed_scores():
+    """Independent reference: transformers' own generate(), its processed scores (output_scores)."""
+    tok = make_tokenizer()
+    _, policy = reference_and_policy(len(tok))
+    q_ids, q_mask = encode(tok, PROMPTS)
+    torch.manual_seed(0)
+    out = policy.generate(input_ids=q_ids, attention_mask=q_mask, do_sample=True, max_new_tokens=12,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, output_scores=True,
+                          return_dict_in_generate=True, **SETTINGS)
+    r_ids = out.sequences[:, q_ids.shape[1]:]
+    hf = torch.stack([torch.log_softmax(s, -1) for s in out.scores], 1).gather(-1, r_ids[..., None])[..., 0]
+    sampler = Sampler([tok.eos_token_id], **SETTINGS)
+    ours = replayed_logprobs(policy, sampler, q_ids, q_mask, r_ids)
+    from tether.ops import response_mask
+    mask = response_mask(r_ids, [tok.eos_token_id]).bool()
+    assert torch.isfinite(hf[mask]).all()
+    torch.testing.assert_close(ours[mask], hf[mask], atol=1e-5, rtol=0)
+    # min_new_tokens really acted: no EOS in the first 8 tokens, and EOS had probability 0 there
+    assert not (r_ids[:, :8] == tok.eos_token_id).any()
+    assert torch.isinf(torch.stack(out.scores[:8], 1)[..., tok.eos_token_id]).all()
+
+
+def test_replay_matches_tethers_own_sampler_probabilities():
+    tok = make_tokenizer()
+    _, policy = reference_and_policy(len(tok))
+    q_ids, q_mask = encode(tok, PROMPTS)
+    sampler = Sampler([tok.eos_token_id], repetition_penalty=1.3, no_repeat_ngram_size=3, **SETTINGS)
+    roll = sample(policy, sampler, q_ids, q_mask, 14, tok.pad_token_id, torch.Generator().manual_seed(0))
+    ours = replayed_logprobs(policy, sampler, q_ids, q_mask, roll.response_ids)
+    m = roll.response_mask.bool()
+    torch.testing.assert_close(ours[m], roll.sample_logprobs[m], atol=1e-5, rtol=0)
+
+
+def kl_per_sequence(policy, ref, tok, batches: int, naive: bool) -> torch.Tensor:
+    sampler = Sampler([tok.eos_token_id], **SETTINGS)
+    q_ids, q_mask = encode(tok, PROMPTS * 3)
+    gen = torch.Generator().manual_seed(123)
+    totals = []
+    for _ in range(batches):
+        roll = sample(policy, sampler, q_ids, q_mask, 12, tok.pad_token_id, gen)
+        r = roll.response_ids
+        if naive:  # what a sampler-unaware trainer computes: raw logits for both models
+            logp = gather_logprobs(response_forward(policy, q_ids, q_mask, r)[0], r)
+        else:
+            logp = replayed_logprobs(policy, sampler, q_ids, q_mask, r)
+        ref_logp = gather_logprobs(sampler.reference_scores(response_forward(ref, q_ids, q_mask, r)[0]), r)
+        totals.append(torch.where(roll.response_mask.bool(), logp - ref_logp, 0.0).sum(-1))
+    return torch.cat(totals)
+
+
+@torch.no_grad()
+def test_k1_kl_is_nonnegative_with_truncated_sampling_and_naive_scoring_is_not():
+    tok = make_tokenizer()
+    ref, policy = reference_and_policy(len(tok))
+    tether_kl = kl_per_sequence(policy, ref, tok, batches=20, naive=False)
+    naive_kl = kl_per_sequence(policy, ref, tok, batches=20, naive=True)
+    se = lambda x: x.std() / len(x) ** 0.5  # noqa: E731
+    assert tether_kl.mean() >= -3 * se(tether_kl), (tether_kl.mean(), se(tether_kl))
+    # The same samples scored naively show the FAQ's negative KL, far beyond noise: the test can fail.
+    assert naive_kl.mean() < -3 * se(naive_kl), (naive_kl.mean(), se(naive_kl))
+
+
+@pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
+def test_kl_is_zero_when_policy_equals_reference_under_pure_sampling(estimator, tmp_path):
+    tok = make_tokenizer()
+    cfg = PPOConfig(batch_size=6, minibatch_size=3, max_new_tokens=10, kl_estimator=estimator,
+                    output_dir=str(tmp_path))
+    trainer = PPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok)
+    gen = trainer.generate(PROMPTS)
+    stats = trainer.step(gen.queries, gen.responses, [0.0] * 6)
+    assert abs(stats["objective/kl"]) < 1e-5
+    assert stats["tokens/response_len_mean"] > 1
+
+
+def test_padding_after_eos_is_masked_out_of_everything(tmp_path):
+    """Rows that finish early are padded; those positions carry no KL, value, advantage or loss."""
+    tok = make_tokenizer()
+    model = make_model(len(tok), seed=3)
+    with torch.no_grad():  # make EOS likely so that rows finish at different lengths
+        model.lm_head.weight[tok.eos_token_id] += 0.5 * model.transformer.wte.weight.std() * 40
+    # top-k makes after-EOS padding score -inf under replay: masking must not turn that into nan
+    cfg = PPOConfig(batch_size=6, minibatch_size=3, max_new_tokens=10, top_k=3, output_dir=str(tmp_path))
+    trainer = PPOTrainer(cfg, model=model, tokenizer=tok)
+    gen = trainer.generate(PROMPTS)
+    lengths = [len(r) for r in gen.responses]
+    assert min(lengths) < max(lengths), lengths
+    for r in gen.responses:  # each response stops at its first EOS (or at max_new_tokens)
+        eos_at = (r == tok.eos_token_id).nonzero()
+        assert len(eos_at) == 0 or eos_at[0].item() == len(r) - 1
+    batch = trainer._forward_rollouts(gen.queries, gen.responses)
+    outside = batch.mask == 0
+    assert outside.any()
+    for t in (batch.logprobs, batch.ref_logprobs, batch.values, batch.kl, batch.entropy):
+        assert (t[outside] == 0).all() and torch.isfinite(t).all()
+    stats = trainer.step(gen.queries, gen.responses, [1.0] * 6)
+    assert all(v == v for v in stats.values()), stats  # no nan anywhere
