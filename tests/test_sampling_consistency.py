@@ -113,6 +113,7 @@ def test_kl_is_zero_when_policy_equals_reference_under_pure_sampling(estimator, 
     gen = trainer.generate(PROMPTS)
     stats = trainer.step(gen.queries, gen.responses, [0.0] * 6)
     assert abs(stats["objective/kl"]) < 1e-5
+    assert abs(stats["objective/kl_estimate"]) < 1e-5
     assert stats["tokens/response_len_mean"] > 1
 
 
@@ -138,3 +139,29 @@ def test_padding_after_eos_is_masked_out_of_everything(tmp_path):
         assert (t[outside] == 0).all() and torch.isfinite(t).all()
     stats = trainer.step(gen.queries, gen.responses, [1.0] * 6)
     assert all(v == v for v in stats.values()), stats  # no nan anywhere
+
+
+def test_warns_when_responses_were_sampled_under_other_settings(tmp_path):
+    """The trainer samples purely; responses drawn elsewhere with top-k=5 make the k1 estimate negative."""
+    tok = make_tokenizer()
+    ref, policy = reference_and_policy(len(tok))
+    cfg = PPOConfig(batch_size=18, minibatch_size=6, max_new_tokens=12, output_dir=str(tmp_path))
+    trainer = PPOTrainer(cfg, model=policy, ref_model=ref, tokenizer=tok)
+    q_ids, q_mask = encode(tok, PROMPTS * 3)
+    elsewhere = Sampler([tok.eos_token_id], **SETTINGS)
+    roll = sample(policy, elsewhere, q_ids, q_mask, 12, tok.pad_token_id, torch.Generator().manual_seed(0))
+    queries = [q[m.bool()] for q, m in zip(q_ids, q_mask)]
+    responses = [r[m.bool()] for r, m in zip(roll.response_ids, roll.response_mask)]
+    with pytest.warns(UserWarning, match="objective/kl_estimate = .* < 0"):
+        stats = trainer.step(queries, responses, [0.0] * 18)
+    assert stats["objective/kl"] >= 0  # the exact KL stays a true KL even then
+
+
+def test_no_warning_for_own_samples(tmp_path, recwarn):
+    tok = make_tokenizer()
+    ref, policy = reference_and_policy(len(tok))
+    cfg = PPOConfig(batch_size=18, minibatch_size=6, max_new_tokens=12, output_dir=str(tmp_path), **SETTINGS)
+    trainer = PPOTrainer(cfg, model=policy, ref_model=ref, tokenizer=tok)
+    gen = trainer.generate(PROMPTS * 3)
+    trainer.step(gen.queries, gen.responses, [0.0] * 18)
+    assert not [w for w in recwarn if "kl_estimate" in str(w.message)]

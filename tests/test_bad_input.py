@@ -1,0 +1,123 @@
+"""Bad input gets a clear error that says what and where, before a weight changes."""
+
+import pytest
+import torch
+from transformers.generation import logits_process as lp
+
+import rewards_for_tests as rewards
+from conftest import make_model, make_tokenizer
+from tether import PPOConfig
+from tether.trainers.ppo import PPOTrainer
+
+PROMPTS = ["the movie was", "i really", "a story", "we"]
+
+
+def trainer(tmp_path, prompts=PROMPTS, reward=rewards.count_good, tokenizer=None, **overrides):
+    tok = tokenizer or make_tokenizer()
+    cfg = PPOConfig(**{"batch_size": 4, "minibatch_size": 2, "max_new_tokens": 6, "steps": 1,
+                       "output_dir": str(tmp_path), **overrides})
+    return PPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok, prompts=prompts, reward=reward)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"batch_size": 10, "minibatch_size": 4}, "minibatch_size=4 does not divide batch_size=10"),
+    ({"minibatch_size": 4, "gradient_accumulation_steps": 3}, "gradient_accumulation_steps=3 does not divide"),
+    ({"top_p": 0.0}, r"top_p=0.0 must be in \(0, 1\]"),
+    ({"temperature": 0}, "temperature=0 must be > 0"),
+    ({"kl_estimator": "k9"}, "kl_estimator='k9' is not one of"),
+    ({"min_new_tokens": 40, "max_new_tokens": 8}, "min_new_tokens=40 exceeds max_new_tokens=8"),
+    ({"generation_kwargs": {"num_beams": 4}}, "num_beams=4 is refused: beam search"),
+    ({"generation_kwargs": {"do_sample": False}}, "do_sample=False is refused: greedy"),
+    ({"generation_kwargs": {"top_k": 5}}, "set the config key `top_k` instead"),
+    ({"generation_kwargs": {"watermarking_config": {}}}, "watermarking_config is not a setting tether can replay"),
+])
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        PPOConfig(**overrides)
+
+
+def test_config_reports_every_problem_at_once():
+    with pytest.raises(ValueError) as err:
+        PPOConfig(steps=0, learning_rate=-1.0, gamma=2.0)
+    assert "steps=0" in str(err.value) and "learning_rate=-1.0" in str(err.value) and "gamma=2.0" in str(err.value)
+
+
+def test_empty_prompt_list(tmp_path):
+    with pytest.raises(ValueError, match="prompts is empty"):
+        trainer(tmp_path, prompts=[])
+
+
+def test_non_string_and_blank_prompts_name_the_row(tmp_path):
+    with pytest.raises(TypeError, match="row 2: prompt must be a string, got int"):
+        trainer(tmp_path, prompts=["a", "b", 3])
+    with pytest.raises(ValueError, match="row 1: prompt is empty"):
+        trainer(tmp_path, prompts=["a", "  "])
+
+
+def test_prompt_file_without_prompt_column(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"text": "the movie"}\n')
+    with pytest.raises(ValueError, match="has no 'prompt' column"):
+        trainer(tmp_path, prompts=str(path))
+
+
+def test_prompt_longer_than_context(tmp_path):
+    long_prompt = " ".join(["the"] * 60)  # the tiny model's context is 64 tokens; + 6 new tokens
+    with pytest.raises(ValueError, match="prompt row 1 is 60 tokens; with max_new_tokens=6 that exceeds the model's "
+                                         "context of 64"):
+        trainer(tmp_path, prompts=["fine", long_prompt])
+
+
+@pytest.mark.parametrize("reward, error, message", [
+    (rewards.wrong_count, ValueError, "returned 3 scores for 4 completions"),
+    (rewards.gives_nan, ValueError, "returned nan for completion 0"),
+    (rewards.gives_inf, ValueError, "returned inf for completion 3"),
+    (rewards.gives_text, TypeError, "returned 'high' \\(str\\) for completion 0"),
+    (rewards.raises, RuntimeError, "reward function raised KeyError"),
+])
+def test_bad_rewards_stop_before_any_update(tmp_path, reward, error, message):
+    t = trainer(tmp_path, reward=reward)
+    before = {k: v.clone() for k, v in t.policy.state_dict().items()}
+    with pytest.raises(error, match=message):
+        t.train()
+    after = t.policy.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_reward_string_must_resolve(tmp_path):
+    with pytest.raises(ValueError, match="neither `package.module:function` nor an existing folder"):
+        trainer(tmp_path, reward="no_such_thing")
+    with pytest.raises(ValueError, match="cannot import 'nope' from module 'rewards_for_tests'"):
+        trainer(tmp_path, reward="rewards_for_tests:nope")
+
+
+def test_reward_as_module_function_text(tmp_path):
+    assert len(trainer(tmp_path, reward="rewards_for_tests:count_good").train()) == 1
+
+
+def test_tokenizer_without_pad_token_uses_eos(tmp_path):
+    tok = make_tokenizer(pad=False)
+    t = trainer(tmp_path, tokenizer=tok)
+    assert tok.pad_token_id == tok.eos_token_id
+    history = t.train()
+    assert history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_unknown_logits_processor_is_refused(tmp_path):
+    class MyProcessor(lp.LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores
+
+    tok = make_tokenizer()
+    with pytest.raises(ValueError, match=r"\['MyProcessor'\] cannot be replayed"):
+        PPOTrainer(PPOConfig(batch_size=4, minibatch_size=2), model=make_model(len(tok)), tokenizer=tok,
+                   logits_processors=[MyProcessor()])
+
+
+def test_step_checks_batch_and_scores(tmp_path):
+    t = trainer(tmp_path)
+    gen = t.generate(PROMPTS)
+    with pytest.raises(ValueError, match="must equal batch_size=4"):
+        t.step(gen.queries[:3], gen.responses[:3], [0.0] * 3)
+    with pytest.raises(ValueError, match="finite scores"):
+        t.step(gen.queries, gen.responses, [0.0, 0.0, float("nan"), 0.0])

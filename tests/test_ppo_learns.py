@@ -1,0 +1,38 @@
+"""A tiny random GPT-2 must learn a synthetic reward with PPO, KL bounded. Sized to run in well under a minute."""
+
+import json
+
+from conftest import make_model, make_tokenizer
+from tether import PPOConfig
+from tether.trainers.ppo import PPOTrainer
+
+PROMPTS = ["the movie was", "i really", "a story", "the actor and", "we", "it is not", "the plot was very",
+           "music"]
+
+
+def share_of(word_id: int, tokenizer):
+    def reward(prompts, completions):
+        out = []
+        for text in completions:
+            ids = tokenizer(text)["input_ids"] or [None]
+            out.append(sum(i == word_id for i in ids) / len(ids))
+        return out
+    return reward
+
+
+def test_tiny_gpt2_learns_share_of_target_token(tmp_path):
+    tok = make_tokenizer()
+    target = tok.convert_tokens_to_ids("good")
+    cfg = PPOConfig(steps=30, batch_size=16, minibatch_size=8, ppo_epochs=4, learning_rate=3e-3,
+                    max_new_tokens=8, init_kl_coef=0.05, seed=0, output_dir=str(tmp_path / "run"))
+    trainer = PPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok, prompts=PROMPTS,
+                         reward=share_of(target, tok))
+    history = trainer.train()
+    rewards = [h["env/reward_mean"] for h in history]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.25, rewards  # random start: ~1/34 share of 'good'
+    kls = [h["objective/kl"] for h in history]
+    assert all(0 <= k <= 10 for k in kls), kls
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 31))
+    assert (tmp_path / "run" / "policy" / "config.json").exists()
