@@ -36,3 +36,15 @@ def test_tiny_gpt2_learns_share_of_target_token(tmp_path):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 31))
     assert (tmp_path / "run" / "policy" / "config.json").exists()
+
+
+def test_first_update_starts_from_ratio_one(tmp_path):
+    """Old log-probs are the policy's own at rollout time: before any update the ratio is exactly 1."""
+    tok = make_tokenizer()
+    cfg = PPOConfig(batch_size=8, minibatch_size=8, ppo_epochs=1, max_new_tokens=8, top_k=6, top_p=0.9,
+                    min_new_tokens=2, repetition_penalty=1.2, output_dir=str(tmp_path))
+    trainer = PPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok)
+    gen = trainer.generate(PROMPTS)
+    stats = trainer.step(gen.queries, gen.responses, [float(i) for i in range(8)])
+    assert abs(stats["ppo/policy/ratio_mean"] - 1) < 1e-5
+    assert stats["ppo/policy/clipfrac"] == 0 and stats["ppo/policy/approxkl"] < 1e-10
