@@ -26,7 +26,7 @@ class PPOConfig:
     output_dir: str = "runs/ppo"
     """Run folder: metrics.jsonl, samples, resolved config, final policy."""
     seed: int = 0
-    """Seed for data order, sampling and value-head initialisation."""
+    """Seed for data order, sampling and minibatch shuffling."""
 
     # --- sizes -----------------------------------------------------------------------------
     steps: int = 20

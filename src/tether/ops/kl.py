@@ -4,8 +4,11 @@ With a ~ pi, r = log pi(a) - log ref(a):  (Schulman, "Approximating KL divergenc
   kl  (k1) = r                     unbiased, per-sample negative
   abs      = |r|                   biased, >= 0
   mse (k2) = r^2 / 2               biased, >= 0, low variance
-  k3       = exp(-r) - 1 + r       unbiased, >= 0
+  k3       = exp(-r) - 1 + r       >= 0; unbiased only when pi and ref share support
   full     = sum_v pi(v) (log pi(v) - log ref(v))   exact per-token KL, >= 0
+
+k3 under truncated sampling: E_pi[k3] = KL - (1 - ref(S)), with S the tokens pi can sample, so with
+top-k / top-p it underestimates by the reference's mass outside S. k1 and full have no such bias.
 """
 
 from collections.abc import Callable
@@ -41,8 +44,8 @@ def kl_full(logits: Tensor, ref_logits: Tensor) -> Tensor:
     logp = torch.log_softmax(logits.float(), dim=-1)
     logq = torch.log_softmax(ref_logits.float(), dim=-1)
     p = logp.exp()
-    terms = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
-    return terms.sum(-1).clamp(min=0.0)  # clamp only float round-off; the sum is >= 0 exactly
+    log_ratio = torch.where(p > 0, logp - logq, torch.zeros_like(logp))  # before the product: no 0 * -inf in backward
+    return (p * log_ratio).sum(-1).clamp(min=0.0)  # clamp only float round-off; the sum is >= 0 exactly  # clamp only float round-off; the sum is >= 0 exactly
 
 
 class KLEstimator(NamedTuple):

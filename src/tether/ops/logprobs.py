@@ -24,4 +24,6 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     """
     logp = torch.log_softmax(logits.float(), dim=-1)
     p = logp.exp()
-    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    # Zero logp *before* multiplying: where(p > 0, p * logp, 0) is right going forward, but its backward
+    # still evaluates 0 * -inf = nan for the branch it discards.
+    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)

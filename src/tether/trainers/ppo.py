@@ -70,7 +70,7 @@ class PPOTrainer:
         self.reward = resolve_reward(reward, self.device, c.batch_size) if reward is not None else None
 
         lm = load_causal_lm(model if model is not None else c.model).to(self.device).eval()
-        self.policy = PolicyWithValueHead(lm, seed=c.seed)
+        self.policy = PolicyWithValueHead(lm)
         self.ref = frozen_reference(load_causal_lm(ref_model).to(self.device) if ref_model is not None else lm)
         self.eos_token_ids = _eos_ids(self.tokenizer, lm)
         self.sampler = Sampler(self.eos_token_ids, c.temperature, c.top_k, c.top_p, c.min_new_tokens,
