@@ -38,3 +38,9 @@ def tokenizer():
 @pytest.fixture
 def model(tokenizer):
     return make_model(len(tokenizer))
+
+
+def assert_close64(actual, expected, atol: float = 1e-6) -> None:
+    """Absolute-tolerance comparison in float64, for hand-computed expectations."""
+    torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float64),
+                               torch.as_tensor(expected, dtype=torch.float64), atol=atol, rtol=0)

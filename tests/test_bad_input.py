@@ -1,11 +1,11 @@
 """Bad input gets a clear error that says what and where, before a weight changes."""
 
 import pytest
+import rewards_for_tests as rewards
 import torch
+from conftest import make_model, make_tokenizer
 from transformers.generation import logits_process as lp
 
-import rewards_for_tests as rewards
-from conftest import make_model, make_tokenizer
 from tether import PPOConfig
 from tether.trainers.ppo import PPOTrainer
 

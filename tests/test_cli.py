@@ -4,9 +4,9 @@ import json
 
 import pytest
 import yaml
+from conftest import make_model, make_tokenizer
 from transformers import AutoModelForCausalLM
 
-from conftest import make_model, make_tokenizer
 from tether.cli import main
 
 

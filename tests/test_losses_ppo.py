@@ -1,20 +1,14 @@
 """losses.ppo: clipped policy / value losses and explained variance, on hand-worked examples."""
 
+import functools
 import math
 
-import pytest
 import torch
+from conftest import assert_close64
 
 from tether.losses.ppo import explained_variance, policy_loss, value_loss
 
-
-def close(actual, expected, atol=1e-9):
-    torch.testing.assert_close(
-        torch.as_tensor(actual, dtype=torch.float64),
-        torch.as_tensor(expected, dtype=torch.float64),
-        atol=atol,
-        rtol=0,
-    )
+close = functools.partial(assert_close64, atol=1e-9)
 
 
 # ---------------------------------------------------------------------------------- policy_loss

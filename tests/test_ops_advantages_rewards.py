@@ -1,22 +1,18 @@
 """ops.advantages (GAE) and ops.rewards (shape_rewards, RunningMoments)."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tether.ops.advantages import gae
 from tether.ops.rewards import RunningMoments, shape_rewards
 
-
-def close(actual, expected, atol=1e-9):
-    torch.testing.assert_close(
-        torch.as_tensor(actual, dtype=torch.float64),
-        torch.as_tensor(expected, dtype=torch.float64),
-        atol=atol,
-        rtol=0,
-    )
+close = functools.partial(assert_close64, atol=1e-9)
 
 
 # ------------------------------------------------------------------------------------------ gae

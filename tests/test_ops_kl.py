@@ -1,9 +1,11 @@
 """ops.kl (per-token estimators) and ops.kl_control (beta controllers)."""
 
+import functools
 import math
 
 import pytest
 import torch
+from conftest import assert_close64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,13 +17,7 @@ NEG_INF = float("-inf")
 LN2 = 0.6931471805599453  # math.log(2)
 
 
-def close(actual, expected, atol=1e-6):
-    torch.testing.assert_close(
-        torch.as_tensor(actual, dtype=torch.float64),
-        torch.as_tensor(expected, dtype=torch.float64),
-        atol=atol,
-        rtol=0,
-    )
+close = functools.partial(assert_close64, atol=1e-6)
 
 
 # ---------------------------------------------------------------------- sampled-token estimators

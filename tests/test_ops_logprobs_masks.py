@@ -4,10 +4,12 @@ Expected numbers are worked out in the comments with math.log / math.exp, never 
 the function under test.
 """
 
+import functools
 import math
 
 import pytest
 import torch
+from conftest import assert_close64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,13 +19,7 @@ from tether.ops.masks import masked_mean, masked_var, masked_whiten, response_ma
 NEG_INF = float("-inf")
 
 
-def close(actual, expected, atol=1e-6):
-    torch.testing.assert_close(
-        torch.as_tensor(actual, dtype=torch.float64),
-        torch.as_tensor(expected, dtype=torch.float64),
-        atol=atol,
-        rtol=0,
-    )
+close = functools.partial(assert_close64, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- gather_logprobs

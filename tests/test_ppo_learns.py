@@ -3,6 +3,7 @@
 import json
 
 from conftest import make_model, make_tokenizer
+
 from tether import PPOConfig
 from tether.trainers.ppo import PPOTrainer
 
@@ -48,3 +49,17 @@ def test_first_update_starts_from_ratio_one(tmp_path):
     stats = trainer.step(gen.queries, gen.responses, [float(i) for i in range(8)])
     assert abs(stats["ppo/policy/ratio_mean"] - 1) < 1e-5
     assert stats["ppo/policy/clipfrac"] == 0 and stats["ppo/policy/approxkl"] < 1e-10
+
+
+def test_same_seed_same_run(tmp_path):
+    tok = make_tokenizer()
+    target = tok.convert_tokens_to_ids("good")
+
+    def run(name):
+        cfg = PPOConfig(steps=3, batch_size=8, minibatch_size=4, max_new_tokens=6, top_k=8, seed=7,
+                        output_dir=str(tmp_path / name))
+        trainer = PPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok, prompts=PROMPTS,
+                             reward=share_of(target, tok))
+        return [{k: v for k, v in h.items() if not k.startswith(("time/", "throughput/"))} for h in trainer.train()]
+
+    assert run("a") == run("b")

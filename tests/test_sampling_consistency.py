@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import make_model, make_tokenizer
+
 from tether import PPOConfig
 from tether.models.policy import response_forward
 from tether.ops import ESTIMATORS, gather_logprobs

@@ -9,7 +9,6 @@ from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 from tether.config import PPOConfig
 from tether.demo import DEMO_DEFAULTS
 
-
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # PPOConfig's field docstrings become --help
 
 

@@ -45,6 +45,9 @@ class PPOConfig:
     """AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    adam_eps: float = 1e-5
+    """AdamW epsilon. 1e-5 as in OpenAI baselines' PPO: with 1e-8, output-embedding rows of tokens that are
+    almost never sampled (tiny gradients) still take full-size steps, moving every logit at once."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
     lr_scheduler_type: str = "constant"
@@ -140,7 +143,7 @@ def _errors(c: PPOConfig):
             problems.append(f"{name}={value!r} must be in {'(0' if low_open else '[0'}, 1]")
 
     problems: list[str] = []
-    for name in ("steps", "batch_size", "minibatch_size", "ppo_epochs", "gradient_accumulation_steps",
+    for name in ("adam_eps", "steps", "batch_size", "minibatch_size", "ppo_epochs", "gradient_accumulation_steps",
                  "max_new_tokens", "learning_rate", "temperature", "cliprange", "cliprange_value",
                  "kl_target", "kl_horizon", "samples_per_step"):
         positive(name)

