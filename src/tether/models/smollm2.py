@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -74,6 +75,8 @@ def smollm2_path() -> Path:
             "Reading the SmolLM2 GGUF file needs the `gguf` package. Install it with: pip install gguf"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("tether").info("first use: converting %s to a safetensors folder in %s (about 20 s, once)",
+                                     source.name, target)
     # Same parent, so os.replace is a rename on one filesystem and atomic.
     tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_SUBDIR}.tmp-", dir=target.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is ordinary data
