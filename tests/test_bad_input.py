@@ -121,3 +121,55 @@ def test_step_checks_batch_and_scores(tmp_path):
         t.step(gen.queries[:3], gen.responses[:3], [0.0] * 3)
     with pytest.raises(ValueError, match="finite scores"):
         t.step(gen.queries, gen.responses, [0.0, 0.0, float("nan"), 0.0])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"adaptive_kl": True, "init_kl_coef": 0.0}, "adaptive_kl needs init_kl_coef > 0"),
+    ({"batch_size": 1, "minibatch_size": 1}, "batch_size=1 cannot be whitened"),
+    ({"lr_scheduler_type": "cosinus"}, "lr_scheduler_type='cosinus' is not one of"),
+    ({"device": "gpu7"}, "device='gpu7' is not a torch device"),
+])
+def test_more_config_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        PPOConfig(**overrides)
+
+
+def test_estimator_names_in_config_match_the_ops():
+    import typing
+
+    from tether.config import KLEstimatorName
+    from tether.ops import ESTIMATORS
+
+    assert set(typing.get_args(KLEstimatorName)) == set(ESTIMATORS)
+
+
+def test_step_rejects_bad_token_rows(tmp_path):
+    t = trainer(tmp_path)
+    gen = t.generate(PROMPTS)
+    queries = list(gen.queries)
+    queries[2] = torch.tensor([], dtype=torch.long)
+    with pytest.raises(ValueError, match="query 2 has no tokens"):
+        t.step(queries, gen.responses, [0.0] * 4)
+    responses = list(gen.responses)
+    responses[1] = torch.tensor([0.5, 1.0])
+    with pytest.raises(TypeError, match="response 1: expected a 1-D tensor of token ids"):
+        t.step(gen.queries, responses, [0.0] * 4)
+    responses[1] = torch.tensor([3, 999])
+    with pytest.raises(ValueError, match="response 1 holds token id 999, outside the model's vocabulary of 34"):
+        t.step(gen.queries, responses, [0.0] * 4)
+    with pytest.raises(ValueError, match="query 0 has no tokens"):
+        t.generate([torch.tensor([], dtype=torch.long)])
+
+
+def test_processor_with_a_config_key_is_refused():
+    tok = make_tokenizer()
+    with pytest.raises(ValueError, match="pass TemperatureLogitsWarper as the config key `temperature`"):
+        PPOTrainer(PPOConfig(batch_size=4, minibatch_size=2), model=make_model(len(tok)), tokenizer=tok,
+                   logits_processors=[lp.TemperatureLogitsWarper(0.5)])
+
+
+def test_reference_with_another_vocabulary_is_refused():
+    tok = make_tokenizer()
+    with pytest.raises(ValueError, match=r"reference model's vocabulary \(40\) differs from the policy's \(34\)"):
+        PPOTrainer(PPOConfig(batch_size=4, minibatch_size=2), model=make_model(len(tok)), tokenizer=tok,
+                   ref_model=make_model(40))

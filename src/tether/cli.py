@@ -8,6 +8,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from tether.config import PPOConfig
 from tether.demo import DEMO_DEFAULTS
+from tether.models.rewards import RewardError
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # PPOConfig's field docstrings become --help
 
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 trainer = PPOTrainer(config)
             _summary(config.output_dir, trainer.train())
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, TypeError, FileNotFoundError, ImportError, RewardError) as err:
+        # Errors about the user's input end in one clear line; anything else keeps its traceback.
         print(f"tether {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

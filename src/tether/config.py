@@ -6,7 +6,12 @@ Every value is checked once, at construction; a config is never changed after th
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+import torch
+from transformers import SchedulerType
+
 from tether.ops.kl import ESTIMATORS
+
+_SCHEDULERS = {t.value for t in SchedulerType}
 
 KLEstimatorName = Literal["kl", "k1", "abs", "mse", "k2", "k3", "full"]
 
@@ -166,6 +171,18 @@ def _errors(c: PPOConfig):
                         f"minibatch_size={c.minibatch_size}")
     if c.min_new_tokens > c.max_new_tokens > 0:
         problems.append(f"min_new_tokens={c.min_new_tokens} exceeds max_new_tokens={c.max_new_tokens}")
+    if c.adaptive_kl and c.init_kl_coef == 0:
+        problems.append("adaptive_kl needs init_kl_coef > 0: the controller scales beta multiplicatively, so 0 stays 0")
+    if (c.whiten_advantages or c.whiten_rewards) and c.batch_size == 1:
+        problems.append("batch_size=1 cannot be whitened (a one-token response leaves one value); use batch_size >= 2 "
+                        "or set whiten_advantages=false and whiten_rewards=false")
+    if c.lr_scheduler_type not in _SCHEDULERS:
+        problems.append(f"lr_scheduler_type={c.lr_scheduler_type!r} is not one of {sorted(_SCHEDULERS)}")
+    if c.device != "auto":
+        try:
+            torch.device(c.device)
+        except RuntimeError:
+            problems.append(f"device={c.device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)")
     from tether.rollout.sampling import generation_kwargs_errors  # the rules live beside the sampler
 
     problems.extend(generation_kwargs_errors(c.generation_kwargs))

@@ -1,15 +1,14 @@
 """Policy = any causal LM + a scalar value head on its last hidden state; reference = frozen copy."""
 
 import copy
-import inspect
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from tether.rollout.generate import positions
+from tether.rollout.generate import forward_params, positions
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -17,13 +16,30 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 def load_causal_lm(model: str | PreTrainedModel) -> PreTrainedModel:
     """A hub name or local folder -> AutoModelForCausalLM; a module is returned as is."""
     if isinstance(model, nn.Module):
-        return model
+        return _check_positions(model)
     if not model:
         raise ValueError("no policy model given: set `model` to a hub name or a local folder")
     try:
-        return AutoModelForCausalLM.from_pretrained(model)
+        return _check_positions(AutoModelForCausalLM.from_pretrained(model))
     except (OSError, ValueError) as err:
         raise ValueError(f"could not load model {model!r} with AutoModelForCausalLM: {err}") from err
+
+
+def context_length(config) -> int | None:
+    """The most positions a model config allows, where it says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
+
+
+def _check_positions(model: PreTrainedModel) -> PreTrainedModel:
+    """tether passes explicit position ids so that left padding never shifts positions; a model whose
+    forward cannot take them (ALiBi models such as Bloom) would be scored at other positions."""
+    if "position_ids" not in forward_params(model):
+        raise ValueError(f"{type(model).__name__}.forward takes no position_ids, so tether cannot make scoring "
+                         f"positions equal generation positions under left padding; this model is not supported")
+    return model
 
 
 def response_forward(model: PreTrainedModel, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor,
@@ -38,7 +54,7 @@ def response_forward(model: PreTrainedModel, query_ids: Tensor, query_mask: Tens
     P = query_ids.shape[1]
     ids = torch.cat([query_ids, response_ids], 1)
     mask = torch.cat([query_mask, torch.ones_like(response_ids)], 1)
-    kwargs = {"logits_to_keep": T + 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    kwargs = {"logits_to_keep": T + 1} if "logits_to_keep" in forward_params(model) else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
                 output_hidden_states=hidden, **kwargs)
     logits = out.logits[:, -(T + 1):-1]
@@ -80,9 +96,6 @@ class PolicyWithValueHead(nn.Module):
         save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
                   directory / VALUE_HEAD_FILE)
 
-    def load_value_head(self, directory: str | Path) -> None:
-        state = load_file(Path(directory) / VALUE_HEAD_FILE)
-        self.value_head.load_state_dict(state)
 
 
 def frozen_reference(model: PreTrainedModel) -> PreTrainedModel:

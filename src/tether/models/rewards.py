@@ -3,12 +3,20 @@
 import importlib
 import math
 import numbers
+import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from tether.models.policy import context_length
+
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+class RewardError(RuntimeError):
+    """The user's reward function raised; the message names the batch, the cause is chained."""
 
 
 def resolve_reward(reward, device: torch.device | str = "cpu", batch_size: int = 16) -> RewardFn:
@@ -22,6 +30,8 @@ def resolve_reward(reward, device: torch.device | str = "cpu", batch_size: int =
     if ":" not in reward:
         raise ValueError(f"reward {reward!r} is neither `package.module:function` nor an existing folder")
     module_name, _, attr = reward.partition(":")
+    if os.getcwd() not in sys.path:  # the `tether` script's sys.path starts at its bin/, not at the user's folder
+        sys.path.insert(0, os.getcwd())
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
@@ -36,7 +46,8 @@ def score_batch(reward: RewardFn, prompts: list[str], completions: list[str]) ->
     try:
         scores = reward(prompts, completions)
     except Exception as err:
-        raise RuntimeError(f"the reward function raised {type(err).__name__}: {err}") from err
+        raise RewardError(f"the reward function raised {type(err).__name__}: {err} (on a batch of {len(prompts)}; "
+                          f"first prompt {prompts[0]!r}, completion {completions[0]!r})") from err
     if isinstance(scores, torch.Tensor):
         scores = scores.detach().float().reshape(-1).tolist()
     try:
@@ -56,25 +67,33 @@ def score_batch(reward: RewardFn, prompts: list[str], completions: list[str]) ->
 
 
 class RewardModel:
-    """A sequence-classification model with its own tokenizer; scores logit 0 of prompt + completion."""
+    """A sequence-classification model with one output (num_labels=1) and its own tokenizer, scoring the
+    text prompt + completion. Re-tokenising the text is what lets the reward model's tokenizer differ from
+    the policy's. Long texts are cut from the left, so the completion is never the part that is dropped."""
 
     def __init__(self, path: str, device: torch.device | str = "cpu", batch_size: int = 16) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, truncation_side="left")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"reward model {path!r} has {self.model.config.num_labels} outputs; tether needs a "
+                             f"scalar reward model (num_labels=1), e.g. one trained with a pairwise loss")
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device, self.batch_size = device, batch_size
+        limits = [n for n in (context_length(self.model.config), self.tokenizer.model_max_length) if n and n < 10**9]
+        self.max_length = min(limits) if limits else None
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
         texts = [p + c for p, c in zip(prompts, completions)]
         scores = []
         for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True, truncation=True)
+            enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
+                                 truncation=self.max_length is not None, max_length=self.max_length)
             logits = self.model(**enc.to(self.device)).logits
             scores.extend(logits[:, 0].float().tolist())
         return scores

@@ -45,7 +45,7 @@ def kl_full(logits: Tensor, ref_logits: Tensor) -> Tensor:
     logq = torch.log_softmax(ref_logits.float(), dim=-1)
     p = logp.exp()
     log_ratio = torch.where(p > 0, logp - logq, torch.zeros_like(logp))  # before the product: no 0 * -inf in backward
-    return (p * log_ratio).sum(-1).clamp(min=0.0)  # clamp only float round-off; the sum is >= 0 exactly  # clamp only float round-off; the sum is >= 0 exactly
+    return (p * log_ratio).sum(-1).clamp(min=0.0)  # clamp only float round-off; the sum is >= 0 exactly
 
 
 class KLEstimator(NamedTuple):

@@ -5,6 +5,7 @@ function replayed at scoring time, and nothing from a model's generation_config 
 for instance) can slip in unseen.
 """
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -29,10 +30,19 @@ def positions(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+@functools.cache
+def _forward_params(model_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
+def forward_params(model: nn.Module) -> frozenset[str]:
+    """Names `model.forward` accepts, looked up once per model class."""
+    return _forward_params(type(model))
+
+
 def cache_kwarg(model: nn.Module) -> str:
     """transformers renamed `past_key_values` to `cache` in 5.x; accept either."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in forward_params(model) else "past_key_values"
 
 
 @torch.no_grad()
@@ -47,7 +57,7 @@ def sample(
 ) -> Rollout:
     eos = sampler.eos_token_ids.to(query_ids.device)
     cache_key = cache_kwarg(model)
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in forward_params(model) else {}
     ids, mask = query_ids, query_mask.long()
     pos = positions(mask)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)

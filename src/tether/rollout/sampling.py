@@ -80,6 +80,13 @@ class Sampler:
                 f"logits processor(s) {unknown} cannot be replayed: tether only accepts processors known to be "
                 f"pure functions of (prefix ids, scores), so that the log-prob it scores equals the one that "
                 f"sampled. Known: {sorted(c.__name__ for c in ROWWISE + CONTEXTUAL)}")
+        keyed = {lp.TemperatureLogitsWarper: "temperature", lp.TopKLogitsWarper: "top_k", lp.TopPLogitsWarper: "top_p",
+                 lp.MinNewTokensLengthLogitsProcessor: "min_new_tokens",
+                 lp.RepetitionPenaltyLogitsProcessor: "repetition_penalty",
+                 lp.NoRepeatNGramLogitsProcessor: "no_repeat_ngram_size"}
+        for p in logits_processors:
+            if type(p) in keyed:  # the reference must see the same temperature; one place sets each setting
+                raise ValueError(f"pass {type(p).__name__} as the config key `{keyed[type(p)]}`, not as a logits processor")
         self.eos_token_ids = torch.tensor(list(eos_token_ids), dtype=torch.long)
         self.temperature, self.min_new_tokens = float(temperature), int(min_new_tokens)
         self.repetition_penalty = float(repetition_penalty)

@@ -4,21 +4,19 @@
 """
 
 import logging
-import random
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
-from transformers import AutoTokenizer, get_scheduler
+from transformers import get_scheduler
 
 from tether.config import PPOConfig
 from tether.data import load_prompts
 from tether.losses.ppo import policy_loss, value_loss
-from tether.models.policy import PolicyWithValueHead, frozen_reference, load_causal_lm, response_forward
+from tether.models.policy import PolicyWithValueHead, context_length, frozen_reference, load_causal_lm, response_forward
 from tether.models.rewards import resolve_reward, score_batch
 from tether.ops import entropy_from_logits, gae, gather_logprobs, get_estimator, kl_full, masked_mean, masked_whiten
 from tether.ops.kl_control import AdaptiveKLController, FixedKLController
@@ -28,6 +26,7 @@ from tether.report import build_report
 from tether.rollout import Sampler, sample
 from tether.trainers.batching import left_pad, minibatches, right_pad
 from tether.trainers.run import RunLogger
+from tether.trainers.setup import check_token_rows, eos_ids, eos_rate, load_tokenizer, seed_everything
 
 log = logging.getLogger("tether")
 
@@ -53,6 +52,7 @@ class Scored:
     kl: Tensor  # (B, T) per-token KL estimate (the configured estimator; enters the reward)
     kl_exact: Tensor  # (B, T) exact KL(pi(.|s_t) || ref(.|s_t)) over the vocabulary, >= 0
     entropy: Tensor  # (B, T) entropy of the processed sampling distribution
+    flipped: Tensor  # (B, T) bool: sampled at a top-k/top-p boundary, outside the replayed support by round-off
 
 
 class PPOTrainer:
@@ -62,8 +62,8 @@ class PPOTrainer:
         policy as it is at the start; logits_processors: extra transformers processors, replayed when scoring."""
         self.config = c = config
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
-        _seed_everything(c.seed)
-        self.tokenizer = _load_tokenizer(tokenizer, model if model is not None else c.model)
+        seed_everything(c.seed)
+        self.tokenizer = load_tokenizer(tokenizer, model if model is not None else c.model)
         self.prompts = load_prompts(prompts if prompts is not None else c.prompts, c.prompt_column) \
             if (prompts is not None or c.prompts) else None
         reward = reward if reward is not None else c.reward
@@ -72,7 +72,12 @@ class PPOTrainer:
         lm = load_causal_lm(model if model is not None else c.model).to(self.device).eval()
         self.policy = PolicyWithValueHead(lm)
         self.ref = frozen_reference(load_causal_lm(ref_model).to(self.device) if ref_model is not None else lm)
-        self.eos_token_ids = _eos_ids(self.tokenizer, lm)
+        self.vocab_size = lm.get_output_embeddings().out_features
+        ref_vocab = self.ref.get_output_embeddings().out_features
+        if ref_vocab != self.vocab_size:
+            raise ValueError(f"the reference model's vocabulary ({ref_vocab}) differs from the policy's "
+                             f"({self.vocab_size}); the KL needs both over the same tokens")
+        self.eos_token_ids = eos_ids(self.tokenizer, lm)
         self.sampler = Sampler(self.eos_token_ids, c.temperature, c.top_k, c.top_p, c.min_new_tokens,
                                c.repetition_penalty, c.no_repeat_ngram_size, logits_processors)
         self.encoded_prompts = [self._encode(p, f"prompt row {i}") for i, p in enumerate(self.prompts or [])]
@@ -96,7 +101,10 @@ class PPOTrainer:
     # ---- step API -----------------------------------------------------------------------------
     def generate(self, queries: list[str] | list[Tensor]) -> Generation:
         """1. Sample one completion per query with the configured sampler."""
+        if len(queries) == 0:
+            raise ValueError("generate needs at least one query")
         query_tensors = [q if isinstance(q, Tensor) else self._encode(q, f"query {i}") for i, q in enumerate(queries)]
+        check_token_rows(query_tensors, "query", self.vocab_size)
         ids, mask = left_pad(query_tensors, self.tokenizer.pad_token_id)
         rollout = sample(self.policy.model, self.sampler, ids.to(self.device), mask.to(self.device),
                          self.config.max_new_tokens, self.tokenizer.pad_token_id, self.sample_generator)
@@ -112,8 +120,8 @@ class PPOTrainer:
         if not (len(queries) == len(responses) == c.batch_size):
             raise ValueError(f"step got {len(queries)} queries and {len(responses)} responses; "
                              f"both must equal batch_size={c.batch_size}")
-        if any(len(r) == 0 for r in responses):
-            raise ValueError("every response needs at least one token")
+        check_token_rows(queries, "query", self.vocab_size)
+        check_token_rows(responses, "response", self.vocab_size)
         raw_scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
         if len(raw_scores) != c.batch_size or not torch.isfinite(raw_scores).all():
             raise ValueError(f"step needs {c.batch_size} finite scores, got {raw_scores.tolist()}")
@@ -146,7 +154,7 @@ class PPOTrainer:
             "ppo/returns/mean": masked_mean(returns, batch.mask).item(),
             "ppo/learning_rate": self.scheduler.get_last_lr()[0],
             "tokens/response_len_mean": batch.mask.sum(-1).mean().item(),
-            "tokens/eos_rate": _eos_rate(batch, self.eos_token_ids),
+            "tokens/eos_rate": eos_rate(batch.response_ids, batch.mask, self.eos_token_ids),
             "rollout/support_flips": float(self.support_flips),
             **train_stats,
             "time/step": time.perf_counter() - t0,
@@ -186,32 +194,38 @@ class PPOTrainer:
     # ---- internals ------------------------------------------------------------------------
     @torch.no_grad()
     def _forward_rollouts(self, queries: list[Tensor], responses: list[Tensor]) -> Scored:
-        """3. Policy log-probs and values, reference log-probs, KL; in minibatch-sized chunks."""
+        """3. Policy log-probs and values, reference log-probs, KL; in micro-batch chunks (bounded memory)."""
         pad = self.tokenizer.pad_token_id
         q_ids, q_mask = (t.to(self.device) for t in left_pad(queries, pad))
         r_ids, r_len_mask = (t.to(self.device) for t in right_pad(responses, pad))
         mask = response_mask(r_ids, self.eos_token_ids) * r_len_mask
         parts = []
-        for idx in torch.arange(len(queries), device=self.device).split(self.config.minibatch_size):
+        micro = self.config.minibatch_size // self.config.gradient_accumulation_steps
+        for idx in torch.arange(len(queries), device=self.device).split(micro):
             logits, values = self.policy(q_ids[idx], q_mask[idx], r_ids[idx])
             scores = self._replay(logits, q_ids[idx], q_mask[idx], r_ids[idx])
             ref_logits, _ = response_forward(self.ref, q_ids[idx], q_mask[idx], r_ids[idx])
             ref_scores = self.sampler.reference_scores(ref_logits)
-            logprobs = gather_logprobs(scores, r_ids[idx])
-            # A token sampled right at a top-k / top-p boundary can fall outside the replayed support by
-            # float round-off (cached vs teacher-forced forward). Score it untruncated rather than as -inf.
-            outside = ~torch.isfinite(logprobs) & mask[idx].bool()
-            if outside.any():
-                logprobs = torch.where(outside, gather_logprobs(self.sampler.reference_scores(logits),
-                                                                r_ids[idx]), logprobs)
-                self.support_flips += int(outside.sum())
+            flipped = ~torch.isfinite(gather_logprobs(scores, r_ids[idx])) & mask[idx].bool()
+            self.support_flips += int(flipped.sum())
+            logprobs = self._sampled_logprobs(logits, scores, r_ids[idx], flipped)
             ref_logprobs = gather_logprobs(ref_scores, r_ids[idx])
             kl_exact = kl_full(scores, ref_scores)
             kl = kl_exact if self.estimator.needs_logits else self.estimator.fn(logprobs, ref_logprobs)
-            parts.append((logprobs, ref_logprobs, values, kl, kl_exact, entropy_from_logits(scores)))
+            parts.append((logprobs, ref_logprobs, values, kl, kl_exact, entropy_from_logits(scores), flipped))
         # where, not multiply: after-EOS padding can score -inf under top-k replay, and -inf * 0 is nan
-        logprobs, ref_logprobs, values, kl, kl_exact, entropy = (torch.where(mask.bool(), torch.cat(p), 0.0) for p in zip(*parts))
-        return Scored(q_ids, q_mask, r_ids, mask, logprobs, ref_logprobs, values, kl, kl_exact, entropy)
+        *tensors, flipped = (torch.cat(p) for p in zip(*parts))
+        logprobs, ref_logprobs, values, kl, kl_exact, entropy = (torch.where(mask.bool(), t, 0.0) for t in tensors)
+        return Scored(q_ids, q_mask, r_ids, mask, logprobs, ref_logprobs, values, kl, kl_exact, entropy, flipped)
+
+    def _sampled_logprobs(self, logits: Tensor, scores: Tensor, r_ids: Tensor, flipped: Tensor) -> Tensor:
+        """log pi(a_t | s_t) under the processed scores. A token sampled right at a top-k / top-p boundary can
+        land outside the replayed support by float round-off (cached vs teacher-forced forward): it is scored
+        untruncated instead of -inf, at rollout time and in every update alike, so its ratio starts at 1."""
+        logprobs = gather_logprobs(scores, r_ids)
+        if flipped.any():
+            logprobs = torch.where(flipped, gather_logprobs(self.sampler.reference_scores(logits), r_ids), logprobs)
+        return logprobs
 
     def _replay(self, logits: Tensor, q_ids: Tensor, q_mask: Tensor, r_ids: Tensor) -> Tensor:
         """Teacher-forced logits (B, T, V) -> the scores the sampler drew from (B, T, V)."""
@@ -233,7 +247,7 @@ class PPOTrainer:
                 for j in mb.split(micro):
                     logits, vpred = self.policy(b.query_ids[j], b.query_mask[j], b.response_ids[j])
                     scores = self._replay(logits, b.query_ids[j], b.query_mask[j], b.response_ids[j])
-                    new_logprobs = gather_logprobs(scores, b.response_ids[j])
+                    new_logprobs = self._sampled_logprobs(logits, scores, b.response_ids[j], b.flipped[j])
                     share = (b.mask[j].sum() / tokens).item()
                     pg, pg_stats = policy_loss(new_logprobs, b.logprobs[j], advantages[j], b.mask[j], c.cliprange, share)
                     vf, vf_stats = value_loss(vpred, b.values[j], returns[j], b.mask[j], c.cliprange_value, share)
@@ -272,7 +286,7 @@ class PPOTrainer:
 
     def _encode(self, text: str, where: str) -> Tensor:
         ids = torch.tensor(self.tokenizer(text)["input_ids"], dtype=torch.long)
-        context = _context_length(self.policy.model.config)
+        context = context_length(self.policy.model.config)
         if len(ids) == 0:
             raise ValueError(f"{where} {text!r} tokenises to no tokens")
         if context is not None and len(ids) + self.config.max_new_tokens > context:
@@ -295,47 +309,3 @@ class PPOTrainer:
             f"responses not produced by this trainer's generate() (sampled with other settings such as top-k, "
             f"top-p or min_new_tokens, by another generation loop, or re-tokenised from text) or prompts padded "
             f"differently than at generation.", stacklevel=3)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _load_tokenizer(tokenizer, model):
-    if tokenizer is None:
-        if not isinstance(model, str) or not model:
-            raise ValueError("pass tokenizer=... when the policy is given as a module rather than a name or folder")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"could not load a tokenizer for model {model!r}: {err}") from err
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token; tether needs one to know where a completion ends")
-    if tokenizer.pad_token_id is None:
-        log.info("tokenizer has no pad token; using EOS (%r) for padding", tokenizer.eos_token)
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _eos_ids(tokenizer, model) -> list[int]:
-    """The tokenizer's EOS plus any extra EOS ids in the model's generation config (e.g. chat end tokens)."""
-    ids = {tokenizer.eos_token_id}
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    vocab = model.get_output_embeddings().out_features
-    ids.update(i for i in ([extra] if isinstance(extra, int) else (extra or [])) if 0 <= i < vocab)
-    return sorted(ids)
-
-
-def _context_length(config) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        if isinstance(getattr(config, key, None), int):
-            return getattr(config, key)
-    return None
-
-
-def _eos_rate(b: Scored, eos_ids: list[int]) -> float:
-    lengths = b.mask.sum(-1).long().clamp(min=1)
-    last = b.response_ids.gather(1, (lengths - 1)[:, None]).squeeze(1)
-    return torch.isin(last, torch.tensor(eos_ids, device=last.device)).float().mean().item()

@@ -2,6 +2,7 @@
 
 import importlib.util
 import math
+import shutil
 from pathlib import Path
 
 import yaml
@@ -18,6 +19,7 @@ class RunLogger:
         (self.dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         for stale in ("metrics.jsonl", "samples.jsonl"):  # a fresh run never mixes with an old one
             (self.dir / stale).unlink(missing_ok=True)
+        shutil.rmtree(self.dir / "tb", ignore_errors=True)
         self.sinks = [JsonlSink(self.dir / "metrics.jsonl")]
         if importlib.util.find_spec("tensorboard") is not None:
             self.sinks.append(TensorBoardSink(self.dir / "tb"))

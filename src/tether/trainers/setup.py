@@ -1,0 +1,62 @@
+"""Trainer set-up helpers: seeding, tokenizer and EOS handling, and checks on what users pass in."""
+
+import logging
+import random
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import AutoTokenizer
+
+log = logging.getLogger("tether")
+
+
+def check_token_rows(rows, what: str, vocab_size: int) -> None:
+    """Each row must be a non-empty 1-D integer tensor of ids inside the vocabulary. An empty prompt would
+    sample its first token from a padding position, at a different position than it is scored at."""
+    for i, row in enumerate(rows):
+        if not isinstance(row, Tensor) or row.dim() != 1 or row.dtype.is_floating_point or row.dtype == torch.bool:
+            raise TypeError(f"{what} {i}: expected a 1-D tensor of token ids, got "
+                            f"{type(row).__name__}{'' if not isinstance(row, Tensor) else f' {row.dtype} {tuple(row.shape)}'}")
+        if len(row) == 0:
+            raise ValueError(f"{what} {i} has no tokens")
+        if row.min() < 0 or row.max() >= vocab_size:
+            raise ValueError(f"{what} {i} holds token id {int(row.max() if row.max() >= vocab_size else row.min())}, "
+                             f"outside the model's vocabulary of {vocab_size}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_tokenizer(tokenizer, model):
+    if tokenizer is None:
+        if not isinstance(model, str) or not model:
+            raise ValueError("pass tokenizer=... when the policy is given as a module rather than a name or folder")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"could not load a tokenizer for model {model!r}: {err}") from err
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; tether needs one to know where a completion ends")
+    if tokenizer.pad_token_id is None:
+        log.info("tokenizer has no pad token; using EOS (%r) for padding", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def eos_ids(tokenizer, model) -> list[int]:
+    """The tokenizer's EOS plus any extra EOS ids in the model's generation config (e.g. chat end tokens)."""
+    ids = {tokenizer.eos_token_id}
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    vocab = model.get_output_embeddings().out_features
+    ids.update(i for i in ([extra] if isinstance(extra, int) else (extra or [])) if 0 <= i < vocab)
+    return sorted(ids)
+
+
+def eos_rate(response_ids: Tensor, mask: Tensor, eos_token_ids: list[int]) -> float:
+    """Share of completions whose last counted token is an EOS (the rest hit max_new_tokens)."""
+    last = response_ids.gather(1, (mask.sum(-1).long().clamp(min=1) - 1)[:, None]).squeeze(1)
+    return torch.isin(last, torch.tensor(eos_token_ids, device=last.device)).float().mean().item()
