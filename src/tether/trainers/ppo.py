@@ -26,7 +26,7 @@ from tether.report import build_report
 from tether.rollout import Sampler, sample
 from tether.trainers.batching import left_pad, minibatches, right_pad
 from tether.trainers.run import RunLogger
-from tether.trainers.setup import check_token_rows, eos_ids, eos_rate, load_tokenizer, seed_everything
+from tether.trainers.setup import check_token_rows, eos_ids, eos_rate, load_tokenizer, seed_everything, t_critical_001
 
 log = logging.getLogger("tether")
 
@@ -296,11 +296,15 @@ class PPOTrainer:
         return ids
 
     def _warn_if_negative_kl(self, estimate_per_seq: Tensor) -> None:
-        """The sampled estimate's expectation is the true KL (>= 0). A batch mean below zero by more than
-        3 standard errors means the samples were not drawn from the distribution they were scored under."""
+        """The sampled estimate's expectation is the true KL (>= 0). A batch mean significantly below zero
+        (one-sided t-test, p < 0.001) means the samples were not drawn from the distribution they were scored
+        under. The t critical value matters: with a handful of completions the standard error is itself noisy."""
+        n = len(estimate_per_seq)
         mean = estimate_per_seq.mean().item()
-        stderr = (estimate_per_seq.std() / len(estimate_per_seq) ** 0.5).item() if len(estimate_per_seq) > 1 else 0.0
-        if not mean < -max(3 * stderr, 1e-6):
+        if n < 2:
+            return
+        stderr = (estimate_per_seq.std() / n**0.5).item()
+        if not mean < -max(t_critical_001(n - 1) * stderr, 1e-6):
             return
         warnings.warn(
             f"objective/kl_estimate = {mean:.4g} < 0 at step {self.step_count}, {abs(mean) / max(stderr, 1e-12):.1f} "

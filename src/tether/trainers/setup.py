@@ -60,3 +60,15 @@ def eos_rate(response_ids: Tensor, mask: Tensor, eos_token_ids: list[int]) -> fl
     """Share of completions whose last counted token is an EOS (the rest hit max_new_tokens)."""
     last = response_ids.gather(1, (mask.sum(-1).long().clamp(min=1) - 1)[:, None]).squeeze(1)
     return torch.isin(last, torch.tensor(eos_token_ids, device=last.device)).float().mean().item()
+
+
+# One-sided Student-t critical values for p = 0.001, by degrees of freedom (standard tables).
+_T_001 = {1: 318.3, 2: 22.33, 3: 10.21, 4: 7.173, 5: 5.893, 6: 5.208, 7: 4.785, 8: 4.501, 9: 4.297, 10: 4.144,
+          12: 3.930, 15: 3.733, 20: 3.552, 30: 3.385, 60: 3.232, 120: 3.160}
+
+
+def t_critical_001(df: int) -> float:
+    """Critical value at df, taking the nearest tabulated df at or below it (conservative); 3.09 beyond."""
+    if df > 120:
+        return 3.090
+    return _T_001[max(k for k in _T_001 if k <= df)]
