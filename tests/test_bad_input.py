@@ -173,3 +173,18 @@ def test_reference_with_another_vocabulary_is_refused():
     with pytest.raises(ValueError, match=r"reference model's vocabulary \(40\) differs from the policy's \(34\)"):
         PPOTrainer(PPOConfig(batch_size=4, minibatch_size=2), model=make_model(len(tok)), tokenizer=tok,
                    ref_model=make_model(40))
+
+
+def test_prompts_from_csv_and_dataset(tmp_path):
+    from datasets import Dataset
+
+    from tether.data import load_prompts
+
+    path = tmp_path / "p.csv"
+    path.write_text('id,text\n1,"the movie, honestly"\n2,i really\n')
+    assert load_prompts(str(path), column="text") == ["the movie, honestly", "i really"]
+    assert load_prompts(Dataset.from_dict({"prompt": ["a", "b"]})) == ["a", "b"]
+    with pytest.raises(ValueError, match=r"expected one of \['.csv', '.json', '.jsonl'\]"):
+        load_prompts(str(tmp_path / "p.txt"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_prompts(str(tmp_path / "missing.jsonl"))

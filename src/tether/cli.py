@@ -48,6 +48,7 @@ def config_from_args(args) -> PPOConfig:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_library_progress()
     parser = build_parser()
     args = parser.parse_args(argv)
     sub = args[args.command]
@@ -72,6 +73,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tether {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _quiet_library_progress() -> None:
+    """One live bar on the console, tether's: no weight-loading or dataset-split bars beside it."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 def _summary(output_dir: str, history: list[dict]) -> None:
