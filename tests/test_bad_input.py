@@ -70,8 +70,6 @@ def test_prompt_longer_than_context(tmp_path):
 
 @pytest.mark.parametrize("reward, error, message", [
     (rewards.wrong_count, ValueError, "returned 3 scores for 4 completions"),
-    (rewards.gives_nan, ValueError, "returned nan for completion 0"),
-    (rewards.gives_inf, ValueError, "returned inf for completion 3"),
     (rewards.gives_text, TypeError, "returned 'high' \\(str\\) for completion 0"),
     (rewards.raises, RuntimeError, "reward function raised KeyError"),
 ])
@@ -119,8 +117,11 @@ def test_step_checks_batch_and_scores(tmp_path):
     gen = t.generate(PROMPTS)
     with pytest.raises(ValueError, match="must equal batch_size=4"):
         t.step(gen.queries[:3], gen.responses[:3], [0.0] * 3)
-    with pytest.raises(ValueError, match="finite scores"):
-        t.step(gen.queries, gen.responses, [0.0, 0.0, float("nan"), 0.0])
+    with pytest.raises(ValueError, match="step got 3 scores; it needs batch_size=4"):
+        t.step(gen.queries, gen.responses, [0.0, 0.0, 0.0])
+    with pytest.warns(UserWarning, match=r"the reward was nan for completion\(s\) \[2\]"):
+        stats = t.step(gen.queries, gen.responses, [0.0, 0.0, float("nan"), 0.0])
+    assert stats["faults/skipped_steps"] == 1
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -188,3 +189,18 @@ def test_prompts_from_csv_and_dataset(tmp_path):
         load_prompts(str(tmp_path / "p.txt"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_prompts(str(tmp_path / "missing.jsonl"))
+
+
+@pytest.mark.parametrize("reward, message", [
+    (rewards.gives_nan, r"the reward was nan for completion\(s\) \[0\]"),
+    (rewards.gives_inf, r"the reward was inf for completion\(s\) \[3\]"),
+])
+def test_nan_or_inf_reward_skips_updates_then_halts(tmp_path, reward, message):
+    from tether.trainers.ppo import TrainingHalted
+
+    t = trainer(tmp_path, reward=reward, steps=5, max_faults_in_row=2)
+    before = {k: v.clone() for k, v in t.policy.state_dict().items()}
+    with pytest.warns(UserWarning, match="step 1 skipped"), pytest.raises(TrainingHalted, match="stopped at step 2: 2 steps in a row"):
+        t.train()
+    assert all(torch.equal(before[k], v) for k, v in t.policy.state_dict().items())
+    assert t.skipped_steps == 2

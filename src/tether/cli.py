@@ -9,6 +9,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 from tether.config import PPOConfig
 from tether.demo import DEMO_DEFAULTS
 from tether.models.rewards import RewardError
+from tether.trainers.ppo import TrainingHalted
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # PPOConfig's field docstrings become --help
 
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_library_progress()
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):  # a bare `--resume` means resume=true
+        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            argv[i] = "--resume=true"
     args = parser.parse_args(argv)
     sub = args[args.command]
     try:
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 trainer = PPOTrainer(config)
             _summary(config.output_dir, trainer.train())
-    except (ValueError, TypeError, FileNotFoundError, ImportError, RewardError) as err:
+    except (ValueError, TypeError, FileNotFoundError, ImportError, RewardError, TrainingHalted) as err:
         # Errors about the user's input end in one clear line; anything else keeps its traceback.
         print(f"tether {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -85,6 +90,10 @@ def _quiet_library_progress() -> None:
 
 
 def _summary(output_dir: str, history: list[dict]) -> None:
+    if not history:
+        print(f"nothing to do: the run in {output_dir} has already reached `steps` (raise --steps to continue it, "
+              f"or choose a new --output_dir).\nreport: {Path(output_dir) / 'report' / 'report.html'}")
+        return
     rewards = [h["env/reward_mean"] for h in history]
     k = min(3, len(rewards))
     first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k

@@ -115,6 +115,18 @@ class PPOConfig:
     vf_coef: float = 0.1
     """Weight of the value loss."""
 
+    # --- reliability --------------------------------------------------------------------------
+    checkpoint_every: int = 50
+    """Write a checkpoint every this many steps (0 = only at the end); always one at the end."""
+    keep_checkpoints: int = 1
+    """How many complete checkpoints to keep; an older one is deleted only after a newer one is complete."""
+    resume: bool | Literal["auto"] = False
+    """Continue from the latest checkpoint in output_dir: true (one must exist), auto (if one exists), false."""
+    max_faults_in_row: int = 3
+    """Stop after this many steps in a row whose update was skipped for a NaN/inf reward, loss or gradient."""
+    ratio_threshold: float = 10.0
+    """Skip a minibatch update whose mean PPO ratio exceeds this (a policy that moved too far, too fast)."""
+
     # --- logging ----------------------------------------------------------------------------
     samples_every: int = 1
     """Write completions to samples.jsonl every this many steps (0 = never)."""
@@ -150,10 +162,10 @@ def _errors(c: PPOConfig):
     problems: list[str] = []
     for name in ("adam_eps", "steps", "batch_size", "minibatch_size", "ppo_epochs", "gradient_accumulation_steps",
                  "max_new_tokens", "learning_rate", "temperature", "cliprange", "cliprange_value",
-                 "kl_target", "kl_horizon", "samples_per_step"):
+                 "kl_target", "kl_horizon", "samples_per_step", "keep_checkpoints", "max_faults_in_row"):
         positive(name)
     for name in ("min_new_tokens", "top_k", "no_repeat_ngram_size", "init_kl_coef", "vf_coef", "weight_decay",
-                 "max_grad_norm", "warmup_steps", "samples_every", "score_scale"):
+                 "max_grad_norm", "warmup_steps", "samples_every", "score_scale", "checkpoint_every"):
         non_negative(name)
     in_unit("top_p", low_open=True)
     in_unit("gamma", low_open=False)
@@ -171,6 +183,10 @@ def _errors(c: PPOConfig):
                         f"minibatch_size={c.minibatch_size}")
     if c.min_new_tokens > c.max_new_tokens > 0:
         problems.append(f"min_new_tokens={c.min_new_tokens} exceeds max_new_tokens={c.max_new_tokens}")
+    if not c.ratio_threshold > 1:
+        problems.append(f"ratio_threshold={c.ratio_threshold!r} must be > 1 (PPO ratios start at 1)")
+    if c.resume not in (True, False, "auto"):
+        problems.append(f"resume={c.resume!r} must be true, false or auto")
     if c.adaptive_kl and c.init_kl_coef == 0:
         problems.append("adaptive_kl needs init_kl_coef > 0: the controller scales beta multiplicatively, so 0 stays 0")
     if (c.whiten_advantages or c.whiten_rewards) and c.batch_size == 1:

@@ -63,6 +63,7 @@ DEMO_DEFAULTS = {
     "temperature": 0.7,
     "init_kl_coef": 0.05,
     "samples_every": 1,
+    "resume": "auto",  # running the demo again continues (or reports) the run in runs/demo
 }
 
 

@@ -99,7 +99,7 @@ class SamplesSink(_JsonlFile):
 class TensorBoardSink:
     """Scalars for `tensorboard --logdir`; the metric names' slashes become its panel groups."""
 
-    def __init__(self, log_dir: str | Path, flush_secs: int = 10):
+    def __init__(self, log_dir: str | Path, flush_secs: int = 10, purge_step: int | None = None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as error:
@@ -108,7 +108,8 @@ class TensorBoardSink:
                 "pip install tensorboard  (or: pip install 'tether[tensorboard]')"
             ) from error
         # SummaryWriter's default is 120 s, too slow to watch a short CPU run live.
-        self._writer = SummaryWriter(log_dir=str(log_dir), flush_secs=flush_secs)
+        # purge_step: a resumed run hides events a killed process wrote at or after that step.
+        self._writer = SummaryWriter(log_dir=str(log_dir), flush_secs=flush_secs, purge_step=purge_step)
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         for key, value in metrics.items():

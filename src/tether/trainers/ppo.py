@@ -4,6 +4,7 @@
 """
 
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,10 +26,15 @@ from tether.ops.rewards import RunningMoments, shape_rewards
 from tether.report import build_report
 from tether.rollout import Sampler, sample
 from tether.trainers.batching import left_pad, minibatches, right_pad
+from tether.trainers.checkpoint import capture_state, list_checkpoints, load_checkpoint, restore_state, save_checkpoint
 from tether.trainers.run import RunLogger
 from tether.trainers.setup import check_token_rows, eos_ids, eos_rate, load_tokenizer, seed_everything, t_critical_001
 
 log = logging.getLogger("tether")
+
+
+class TrainingHalted(RuntimeError):
+    """Too many numerical faults in a row; the message says which and where."""
 
 
 @dataclass
@@ -97,6 +103,8 @@ class PPOTrainer:
         self._order: list[int] = []  # prompt indices still to visit in this pass
         self.step_count = 0
         self.support_flips = 0  # sampled tokens that replay put outside the sampler's support (round-off)
+        self.faults_in_row = 0  # consecutive steps with a skipped update (nan/inf reward, loss or gradient)
+        self.skipped_steps = 0
 
     # ---- step API -----------------------------------------------------------------------------
     def generate(self, queries: list[str] | list[Tensor]) -> Generation:
@@ -123,8 +131,10 @@ class PPOTrainer:
         check_token_rows(queries, "query", self.vocab_size)
         check_token_rows(responses, "response", self.vocab_size)
         raw_scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
-        if len(raw_scores) != c.batch_size or not torch.isfinite(raw_scores).all():
-            raise ValueError(f"step needs {c.batch_size} finite scores, got {raw_scores.tolist()}")
+        if len(raw_scores) != c.batch_size:
+            raise ValueError(f"step got {len(raw_scores)} scores; it needs batch_size={c.batch_size}")
+        if not torch.isfinite(raw_scores).all():
+            return self._skip_step(raw_scores)
         batch = self._forward_rollouts(queries, responses)  # 3
         beta = self.kl_ctl.value
         rewards, non_score = shape_rewards(self._process_scores(raw_scores).to(self.device), batch.kl,
@@ -160,18 +170,43 @@ class PPOTrainer:
             "time/step": time.perf_counter() - t0,
         }
         self._warn_if_negative_kl(estimate_per_seq)
+        self._count_faults(faulty=train_stats["faults/skipped_minibatches"] > 0,
+                           why="a minibatch loss or gradient was nan/inf")
+        stats["faults/skipped_steps"] = float(self.skipped_steps)
         return stats
+
+    def _skip_step(self, raw_scores: Tensor) -> dict[str, float]:
+        """A nan/inf score: no update at all this step (the weights are untouched)."""
+        bad = (~torch.isfinite(raw_scores)).nonzero().flatten().tolist()
+        why = f"the reward was {raw_scores[bad[0]].item()} for completion(s) {bad}"
+        warnings.warn(f"step {self.step_count + 1} skipped: {why}", stacklevel=3)
+        self.step_count += 1
+        self._last_kl_per_seq = [math.nan] * len(raw_scores)
+        self._count_faults(faulty=True, why=why)
+        finite = raw_scores[torch.isfinite(raw_scores)]
+        return {"env/reward_mean": finite.mean().item() if len(finite) else math.nan, "objective/kl": math.nan,
+                "objective/kl_coef": self.kl_ctl.value, "faults/skipped_steps": float(self.skipped_steps)}
+
+    def _count_faults(self, faulty: bool, why: str) -> None:
+        self.faults_in_row = self.faults_in_row + 1 if faulty else 0
+        self.skipped_steps += int(faulty)
+        if self.faults_in_row >= self.config.max_faults_in_row:
+            raise TrainingHalted(f"stopped at step {self.step_count}: {self.faults_in_row} steps in a row had updates "
+                                 f"skipped for numerical faults (max_faults_in_row={self.config.max_faults_in_row}); "
+                                 f"the last: {why}. The weights are those of the last good update.")
 
     # ---- the loop ---------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
-        """Run `steps` PPO steps over the prompts; metrics to OUTPUT_DIR/metrics.jsonl and the console."""
+        """Run PPO steps up to `steps` over the prompts (continuing a checkpoint when `resume` says so);
+        metrics to OUTPUT_DIR/metrics.jsonl and the console; checkpoints, final policy and report at the end."""
         c = self.config
         if self.prompts is None or self.reward is None:
             raise ValueError("train() needs prompts and a reward (config keys `prompts` and `reward`, "
                              "or the PPOTrainer arguments)")
+        self._maybe_resume()
         history = []
-        with RunLogger(c, total=c.steps) as run:
-            for _ in range(c.steps):
+        with RunLogger(c, total=c.steps, start=self.step_count) as run:
+            while self.step_count < c.steps:
                 t0 = time.perf_counter()
                 indices = self._next_prompt_indices()
                 prompts = [self.prompts[i] for i in indices]
@@ -184,9 +219,30 @@ class PPOTrainer:
                               "throughput/tokens_per_s": n_tokens / (time.perf_counter() - t0)})
                 run.log(self.step_count, stats, prompts, gen.texts, scores, self._last_kl_per_seq)
                 history.append(stats)
+                if self.step_count == c.steps or (c.checkpoint_every and self.step_count % c.checkpoint_every == 0):
+                    self.save_checkpoint()
             self.save(Path(c.output_dir) / "policy")
         build_report(c.output_dir)
         return history
+
+    def save_checkpoint(self) -> Path:
+        return save_checkpoint(Path(self.config.output_dir) / "checkpoints", self.step_count, self.policy,
+                               capture_state(self), keep=self.config.keep_checkpoints)
+
+    def _maybe_resume(self) -> None:
+        c = self.config
+        checkpoints = list_checkpoints(Path(c.output_dir) / "checkpoints")
+        if c.resume is False:
+            if checkpoints:
+                raise ValueError(f"output_dir {c.output_dir!r} holds checkpoints of an earlier run (latest: "
+                                 f"{checkpoints[-1].name}); pass --resume to continue it, or choose a new output_dir")
+            return
+        if not checkpoints:
+            if c.resume is True:
+                raise ValueError(f"resume=true but {c.output_dir!r} holds no checkpoint to resume from")
+            return
+        restore_state(self, load_checkpoint(checkpoints[-1], self.policy))
+        log.info("resumed from %s at step %d", checkpoints[-1], self.step_count)
 
     def save(self, directory: str | Path) -> None:
         self.policy.save_pretrained(directory, self.tokenizer)
@@ -233,39 +289,58 @@ class PPOTrainer:
         return self.sampler.sequence_scores(logits, ids, torch.cat([q_mask, torch.ones_like(r_ids)], 1))
 
     def _optimise(self, b: Scored, advantages: Tensor, returns: Tensor) -> dict[str, float]:
-        """6. ppo_epochs passes of shuffled minibatches; micro-batches accumulate to the minibatch's
-        token-mean loss exactly (each micro-batch's loss is weighted by its share of the tokens)."""
+        """6. ppo_epochs passes of shuffled minibatches. An update whose loss or gradient is not finite, or
+        whose mean ratio exceeds ratio_threshold, is skipped without touching the weights."""
         c = self.config
-        micro = c.minibatch_size // c.gradient_accumulation_steps
         totals: dict[str, float] = {}
-        n_updates = 0
+        outcomes = {"ok": 0, "fault": 0, "ratio": 0}
         for _ in range(c.ppo_epochs):
             for mb in minibatches(c.batch_size, c.minibatch_size, self.shuffle_generator):
-                mb = mb.to(self.device)
-                tokens = b.mask[mb].sum()
-                self.optimizer.zero_grad(set_to_none=True)
-                for j in mb.split(micro):
-                    logits, vpred = self.policy(b.query_ids[j], b.query_mask[j], b.response_ids[j])
-                    scores = self._replay(logits, b.query_ids[j], b.query_mask[j], b.response_ids[j])
-                    new_logprobs = self._sampled_logprobs(logits, scores, b.response_ids[j], b.flipped[j])
-                    share = (b.mask[j].sum() / tokens).item()
-                    pg, pg_stats = policy_loss(new_logprobs, b.logprobs[j], advantages[j], b.mask[j], c.cliprange, share)
-                    vf, vf_stats = value_loss(vpred, b.values[j], returns[j], b.mask[j], c.cliprange_value, share)
-                    (pg + c.vf_coef * vf).backward()
-                    for prefix, st in (("ppo/policy/", pg_stats), ("ppo/val/", vf_stats)):
-                        for k, v in st.items():
-                            totals[prefix + k] = totals.get(prefix + k, 0.0) + share * v.item()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
-                                                           c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
-                totals["ppo/grad_norm"] = totals.get("ppo/grad_norm", 0.0) + grad_norm.item()
-                self.optimizer.step()
-                self.scheduler.step()
-                n_updates += 1
-        stats = {k: v / n_updates for k, v in totals.items()}
-        stats["ppo/loss/policy"] = stats.pop("ppo/policy/loss")
-        stats["ppo/loss/value"] = stats.pop("ppo/val/loss")
+                outcomes[self._update(b, mb.to(self.device), advantages, returns, totals)] += 1
+        stats = {k: v / max(outcomes["ok"], 1) for k, v in totals.items()}
+        stats["ppo/loss/policy"] = stats.pop("ppo/policy/loss", math.nan)
+        stats["ppo/loss/value"] = stats.pop("ppo/val/loss", math.nan)
         stats["ppo/loss/total"] = stats["ppo/loss/policy"] + c.vf_coef * stats["ppo/loss/value"]
+        stats["faults/skipped_minibatches"] = float(outcomes["fault"])
+        stats["ppo/skipped_ratio_minibatches"] = float(outcomes["ratio"])
         return stats
+
+    def _update(self, b: Scored, mb: Tensor, advantages: Tensor, returns: Tensor, totals: dict) -> str:
+        """One optimiser step on minibatch `mb`; micro-batches accumulate to the minibatch's token-mean loss
+        exactly (each micro-batch's loss is weighted by its share of the tokens). Returns ok / fault / ratio."""
+        c = self.config
+        tokens = b.mask[mb].sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        stats: dict[str, float] = {}
+        for j in mb.split(c.minibatch_size // c.gradient_accumulation_steps):
+            logits, vpred = self.policy(b.query_ids[j], b.query_mask[j], b.response_ids[j])
+            scores = self._replay(logits, b.query_ids[j], b.query_mask[j], b.response_ids[j])
+            new_logprobs = self._sampled_logprobs(logits, scores, b.response_ids[j], b.flipped[j])
+            share = (b.mask[j].sum() / tokens).item()
+            pg, pg_stats = policy_loss(new_logprobs, b.logprobs[j], advantages[j], b.mask[j], c.cliprange, share)
+            vf, vf_stats = value_loss(vpred, b.values[j], returns[j], b.mask[j], c.cliprange_value, share)
+            loss = pg + c.vf_coef * vf
+            if not torch.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                return "fault"
+            loss.backward()
+            for prefix, st in (("ppo/policy/", pg_stats), ("ppo/val/", vf_stats)):
+                for k, v in st.items():
+                    stats[prefix + k] = stats.get(prefix + k, 0.0) + share * v.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
+                                                   c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
+        if not torch.isfinite(grad_norm):  # clipping leaves nan/inf gradients nan/inf
+            self.optimizer.zero_grad(set_to_none=True)
+            return "fault"
+        if stats["ppo/policy/ratio_mean"] > c.ratio_threshold:
+            self.optimizer.zero_grad(set_to_none=True)
+            return "ratio"
+        self.optimizer.step()
+        self.scheduler.step()
+        stats["ppo/grad_norm"] = grad_norm.item()
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + v
+        return "ok"
 
     def _process_scores(self, scores: Tensor) -> Tensor:
         c = self.config

@@ -1,7 +1,9 @@
 """The run folder and the console: resolved config, metrics, samples, TensorBoard, a progress bar."""
 
 import importlib.util
+import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -12,19 +14,21 @@ from tether.report.sinks import JsonlSink, SamplesSink, TensorBoardSink
 
 
 class RunLogger:
-    def __init__(self, config, total: int) -> None:
+    def __init__(self, config, total: int, start: int = 0) -> None:
+        """start: the step a resumed run continues after (0 for a fresh run)."""
         self.config = config
         self.dir = Path(config.output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        for stale in ("metrics.jsonl", "samples.jsonl"):  # a fresh run never mixes with an old one
-            (self.dir / stale).unlink(missing_ok=True)
-        shutil.rmtree(self.dir / "tb", ignore_errors=True)
+        for name in ("metrics.jsonl", "samples.jsonl"):  # a fresh run never mixes with an old one; a resumed
+            _keep_steps_up_to(self.dir / name, start)  # one drops what a killed process logged after its checkpoint
+        if start == 0:
+            shutil.rmtree(self.dir / "tb", ignore_errors=True)
         self.sinks = [JsonlSink(self.dir / "metrics.jsonl")]
         if importlib.util.find_spec("tensorboard") is not None:
-            self.sinks.append(TensorBoardSink(self.dir / "tb"))
+            self.sinks.append(TensorBoardSink(self.dir / "tb", purge_step=start + 1))
         self.samples = SamplesSink(self.dir / "samples.jsonl")
-        self.bar = tqdm(total=total, desc="ppo", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=start, desc="ppo", unit="step", dynamic_ncols=True)
 
     def log(self, step: int, stats: dict, prompts, completions, scores, kl_per_seq) -> None:
         for sink in self.sinks:
@@ -45,3 +49,21 @@ class RunLogger:
         self.bar.close()
         for sink in self.sinks + [self.samples]:
             sink.close()
+
+
+def _keep_steps_up_to(path: Path, step: int) -> None:
+    """Rewrite a JSONL log keeping only records with "step" <= step (atomically: temp file, then rename)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and _step_of(line) is not None and _step_of(line) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by a kill mid-write

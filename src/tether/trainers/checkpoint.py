@@ -1,0 +1,120 @@
+"""Atomic checkpoints: a checkpoint folder either exists complete or not at all.
+
+Written as `checkpoints/.tmp-step-N/` (every file fsynced), renamed to `checkpoints/step-N/` in one
+`os.rename`, the folder fsynced; only then are older checkpoints removed. A kill at any moment leaves the
+previous complete checkpoint in place and at most a `.tmp-*` folder that is never read.
+"""
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+_NAME = re.compile(r"^step-(\d{8})$")
+WEIGHTS, STATE = "policy.safetensors", "trainer_state.pt"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(root: Path, step: int, policy: torch.nn.Module, state: dict, keep: int = 1) -> Path:
+    """Write policy weights (safetensors, shared tensors handled) and `state` (optimiser, scheduler, RNGs,
+    counters: anything torch.save takes) as checkpoint `step`; keep the newest `keep` checkpoints."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(policy, str(tmp / WEIGHTS))
+    torch.save(state, tmp / STATE)
+    for path in (tmp / WEIGHTS, tmp / STATE, tmp):
+        _fsync(path)
+    if final.exists():  # the same step written again (e.g. end of a run that just checkpointed)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(root)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders are never listed)."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)), key=lambda p: p.name)
+
+
+def load_checkpoint(path: Path, policy: torch.nn.Module) -> dict:
+    """Load weights into `policy` in place and return the saved state dict."""
+    load_model(policy, str(path / WEIGHTS))
+    return torch.load(path / STATE, weights_only=False)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
+
+
+# Config keys that may change between a run and its resumption; any other change would make the resumed
+# run a different experiment than the one its metrics.jsonl describes.
+RESUMABLE_CHANGES = {"steps", "resume", "checkpoint_every", "keep_checkpoints", "samples_every", "samples_per_step",
+                     "max_faults_in_row", "device"}
+
+
+def capture_state(trainer) -> dict:
+    """Everything besides the weights that the next step depends on."""
+    reward_state = getattr(trainer.reward, "state_dict", None)
+    return {
+        "config": trainer.config.to_dict(),
+        "step": trainer.step_count,
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "kl_ctl": trainer.kl_ctl.state_dict(),
+        "score_moments": trainer.score_moments.state_dict(),
+        "reward": reward_state() if callable(reward_state) else None,
+        "counters": {"support_flips": trainer.support_flips, "faults_in_row": trainer.faults_in_row,
+                     "skipped_steps": trainer.skipped_steps},
+        "order": list(trainer._order),
+        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "sample": trainer.sample_generator.get_state(), "shuffle": trainer.shuffle_generator.get_state(),
+                "data": trainer.data_generator.get_state()},
+    }
+
+
+def restore_state(trainer, state: dict) -> None:
+    changed = sorted(k for k, v in state["config"].items()
+                     if k not in RESUMABLE_CHANGES and getattr(trainer.config, k, v) != v)
+    if changed:
+        details = ", ".join(f"{k}: {state['config'][k]!r} -> {getattr(trainer.config, k)!r}" for k in changed)
+        raise ValueError(f"cannot resume: the config differs from the checkpoint's in {details}. Only "
+                         f"{sorted(RESUMABLE_CHANGES)} may change; use a new output_dir for a different run")
+    trainer.step_count = state["step"]
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.kl_ctl.load_state_dict(state["kl_ctl"])
+    trainer.score_moments.load_state_dict(state["score_moments"])
+    if state["reward"] is not None and hasattr(trainer.reward, "load_state_dict"):
+        trainer.reward.load_state_dict(state["reward"])
+    for name, value in state["counters"].items():
+        setattr(trainer, name, value)
+    trainer._order = list(state["order"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    trainer.sample_generator.set_state(rng["sample"])
+    trainer.shuffle_generator.set_state(rng["shuffle"])
+    trainer.data_generator.set_state(rng["data"])
