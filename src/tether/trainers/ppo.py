@@ -136,6 +136,7 @@ class PPOTrainer:
         if not torch.isfinite(raw_scores).all():
             return self._skip_step(raw_scores)
         batch = self._forward_rollouts(queries, responses)  # 3
+        t_score = time.perf_counter()
         beta = self.kl_ctl.value
         rewards, non_score = shape_rewards(self._process_scores(raw_scores).to(self.device), batch.kl,
                                            batch.mask, beta)  # 4
@@ -144,7 +145,9 @@ class PPOTrainer:
         advantages, returns = gae(rewards, batch.values, batch.mask, c.gamma, c.lam)  # 5
         if c.whiten_advantages:
             advantages = masked_whiten(advantages, batch.mask)
+        t_optimise = time.perf_counter()
         train_stats = self._optimise(batch, advantages, returns)  # 6
+        t_optimise = time.perf_counter() - t_optimise
         # Chain rule: sum_t KL(pi(.|s_t) || ref(.|s_t)) along sampled trajectories is an unbiased,
         # never-negative estimate of the sequence-level KL (the sampled estimators' Rao-Blackwellisation).
         kl_per_seq = batch.kl_exact.sum(-1)
@@ -167,6 +170,8 @@ class PPOTrainer:
             "tokens/eos_rate": eos_rate(batch.response_ids, batch.mask, self.eos_token_ids),
             "rollout/support_flips": float(self.support_flips),
             **train_stats,
+            "time/score": t_score - t0,
+            "time/optimise": t_optimise,
             "time/step": time.perf_counter() - t0,
         }
         self._warn_if_negative_kl(estimate_per_seq)
