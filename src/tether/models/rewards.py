@@ -1,7 +1,6 @@
 """Reward adapters: everything becomes `(prompts, completions) -> list[float]`, checked on return."""
 
 import importlib
-import math
 import numbers
 import os
 import sys
@@ -20,15 +19,22 @@ class RewardError(RuntimeError):
 
 
 def resolve_reward(reward, device: torch.device | str = "cpu", batch_size: int = 16) -> RewardFn:
-    """A callable as is; `package.module:function` imported; a folder loaded as a reward model."""
+    """A callable as is; `package.module:function` imported; a folder loaded as a reward model; a .yaml/.yml
+    file built as a combined reward (weights, query baseline, normalisation, clipping; see reward_compose)."""
     if callable(reward):
         return reward
     if not isinstance(reward, str) or not reward:
-        raise ValueError("no reward given: pass a callable, `package.module:function`, or a reward-model folder")
+        raise ValueError("no reward given: pass a callable, `package.module:function`, a reward-model folder or "
+                         "a YAML reward spec")
     if Path(reward).is_dir():
         return RewardModel(reward, device=device, batch_size=batch_size)
+    if Path(reward).suffix in (".yaml", ".yml"):
+        from tether.models.reward_compose import load_reward_spec  # it builds its components with this function
+
+        return load_reward_spec(reward, device=device, batch_size=batch_size)
     if ":" not in reward:
-        raise ValueError(f"reward {reward!r} is neither `package.module:function` nor an existing folder")
+        raise ValueError(f"reward {reward!r} is neither `package.module:function` nor an existing folder "
+                         f"(nor a .yaml reward spec)")
     module_name, _, attr = reward.partition(":")
     if os.getcwd() not in sys.path:  # the `tether` script's sys.path starts at its bin/, not at the user's folder
         sys.path.insert(0, os.getcwd())
@@ -42,7 +48,8 @@ def resolve_reward(reward, device: torch.device | str = "cpu", batch_size: int =
 
 
 def score_batch(reward: RewardFn, prompts: list[str], completions: list[str]) -> torch.Tensor:
-    """Call the reward and check what comes back: one finite number per completion."""
+    """Call the reward and check what comes back: one number per completion. nan/inf are passed on: the
+    trainer skips that step's update and stops after max_faults_in_row such steps in a row."""
     try:
         scores = reward(prompts, completions)
     except Exception as err:
@@ -60,26 +67,35 @@ def score_batch(reward: RewardFn, prompts: list[str], completions: list[str]) ->
         if isinstance(s, bool) or not isinstance(s, numbers.Real):
             raise TypeError(f"the reward returned {s!r} ({type(s).__name__}) for completion {i}; expected a number."
                             f" Prompt: {prompts[i]!r} Completion: {completions[i]!r}")
-        if not math.isfinite(s):
-            raise ValueError(f"the reward returned {s} for completion {i}. "
-                             f"Prompt: {prompts[i]!r} Completion: {completions[i]!r}")
     return torch.tensor([float(s) for s in scores])
 
 
 class RewardModel:
     """A sequence-classification model with one output (num_labels=1) and its own tokenizer, scoring the
-    text prompt + completion. Re-tokenising the text is what lets the reward model's tokenizer differ from
-    the policy's. Long texts are cut from the left, so the completion is never the part that is dropped."""
+    text prompt + completion. The policy's token ids are never passed here: PPO hands over decoded text,
+    which this class re-tokenises with the reward model's tokenizer and scores in padded batches of
+    `batch_size`, so the two tokenizers (and vocabularies) may differ freely. Long texts are cut from the
+    left, so the completion is never the part that is dropped.
 
-    def __init__(self, path: str, device: torch.device | str = "cpu", batch_size: int = 16) -> None:
+    `RewardModel(path)` loads a folder; `RewardModel(model=..., tokenizer=...)` wraps objects in memory."""
+
+    def __init__(self, path: str | None = None, device: torch.device | str = "cpu", batch_size: int = 16, *,
+                 model=None, tokenizer=None) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(path, truncation_side="left")
+        if (path is None) == (model is None and tokenizer is None):
+            raise ValueError("RewardModel takes a folder path, or a model and its tokenizer, not both")
+        if path is None and (model is None or tokenizer is None):
+            raise ValueError("RewardModel(model=..., tokenizer=...) needs both the model and its tokenizer")
+        name = path if path is not None else type(model).__name__
+        self.tokenizer = AutoTokenizer.from_pretrained(path) if tokenizer is None else tokenizer
+        self.tokenizer.truncation_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        self.model = (AutoModelForSequenceClassification.from_pretrained(path) if model is None else model)
+        self.model = self.model.to(device).eval()
         if self.model.config.num_labels != 1:
-            raise ValueError(f"reward model {path!r} has {self.model.config.num_labels} outputs; tether needs a "
+            raise ValueError(f"reward model {name!r} has {self.model.config.num_labels} outputs; tether needs a "
                              f"scalar reward model (num_labels=1), e.g. one trained with a pairwise loss")
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -87,9 +103,12 @@ class RewardModel:
         limits = [n for n in (context_length(self.model.config), self.tokenizer.model_max_length) if n and n < 10**9]
         self.max_length = min(limits) if limits else None
 
-    @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
-        texts = [p + c for p, c in zip(prompts, completions)]
+        return self.score_texts([p + c for p, c in zip(prompts, completions)])
+
+    @torch.no_grad()
+    def score_texts(self, texts: list[str]) -> list[float]:
+        """r(text) for whole texts, in padded batches of batch_size."""
         scores = []
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
