@@ -29,6 +29,29 @@ def _report_parser() -> ArgumentParser:
     return parser
 
 
+def _reward_parser() -> ArgumentParser:
+    from tether.reward_config import RewardConfig
+
+    parser = ArgumentParser(description="Train a reward model (one scalar output) on preference pairs or "
+                                        "scalar-labelled texts; save it in save_pretrained form.")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the keys below")
+    parser.add_class_arguments(RewardConfig, as_group=False)
+    return parser
+
+
+def _inspect_reward_parser() -> ArgumentParser:
+    from tether.reward_config import InspectRewardConfig
+
+    parser = ArgumentParser(description="Score chosen texts, summarise a reward's scores over a dataset "
+                                        "(with a histogram), and measure how much the prompt alone explains.")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the keys below")
+    parser.add_class_arguments(InspectRewardConfig, as_group=False, skip={"texts"})
+    # nargs: `--texts "a good one" "a bad one"` reads as a shell user expects (jsonargparse's list[str] wants JSON)
+    parser.add_argument("--texts", nargs="+", type=str, default=None,
+                        help="texts to score one by one, e.g. a clearly positive and a clearly negative one")
+    return parser
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="tether", description="RLHF for transformer language models.")
     commands = parser.add_subcommands(dest="command")
@@ -39,6 +62,8 @@ def build_parser() -> ArgumentParser:
         "same keys as `tether ppo`; model, prompts and reward default to the demo's.", DEMO_DEFAULTS),
         help="the offline sentiment demo on SmolLM2")
     commands.add_subcommand("report", _report_parser(), help="rebuild a run folder's report")
+    commands.add_subcommand("reward", _reward_parser(), help="train a reward model")
+    commands.add_subcommand("inspect-reward", _inspect_reward_parser(), help="what does a reward reward?")
     return parser
 
 
@@ -62,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             from tether.report import build_report
 
             print(f"report: {build_report(sub.run_dir)}")
+        elif args.command in ("reward", "inspect-reward"):
+            _reward_command(args.command, sub)
         else:
             config = config_from_args(sub)
             if args.command == "demo":
@@ -78,6 +105,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tether {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _reward_command(command: str, sub) -> None:
+    """`tether reward` and `tether inspect-reward`, kept apart from the PPO commands."""
+    from tether.reward_config import InspectRewardConfig, RewardConfig, resolve_device
+
+    if command == "reward":
+        from tether.trainers.reward import RewardTrainer
+
+        config = RewardConfig(**{k: v for k, v in vars(sub).items() if k in RewardConfig.__dataclass_fields__})
+        history = RewardTrainer(config).train()
+        if history:
+            last = {k: round(v, 4) for k, v in history[-1].items() if k != "step"}
+            print(f"done: step {history[-1]['step']}, {last}")
+        print(f"reward model: {config.output_dir}  (use it as `reward: {config.output_dir}` in a PPO config)")
+        return
+    from tether.models.rewards import resolve_reward
+    from tether.report.reward_inspect import describe, inspect_reward
+
+    config = InspectRewardConfig(**{k: v for k, v in vars(sub).items()
+                                    if k in InspectRewardConfig.__dataclass_fields__})
+    reward = resolve_reward(config.reward, resolve_device(config.device), config.batch_size)
+    record = inspect_reward(reward, config.texts, config.data, config.output_dir, config.max_rows, config.reward)
+    print(describe(record))
+    print(f"written: {Path(config.output_dir) / 'reward_inspect.json'}")
 
 
 def _quiet_library_progress() -> None:
