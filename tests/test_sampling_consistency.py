@@ -165,3 +165,16 @@ def test_no_warning_for_own_samples(tmp_path, recwarn):
     gen = trainer.generate(PROMPTS * 3)
     trainer.step(gen.queries, gen.responses, [0.0] * 18)
     assert not [w for w in recwarn if "kl_estimate" in str(w.message)]
+
+
+def test_draw_follows_the_distribution_and_never_picks_filtered_tokens():
+    from tether.rollout.generate import draw
+
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.0, 0.05])
+    logprobs = probs.log().expand(20000, -1)  # -inf for the filtered tokens
+    counts = torch.bincount(draw(logprobs, torch.Generator().manual_seed(0))[:, 0], minlength=6).double()
+    assert counts[1] == 0 and counts[4] == 0
+    expected = probs.double() * 20000
+    keep = expected > 0
+    chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    assert chi2 < 16.3, (counts, chi2)  # chi-square, 3 degrees of freedom, p = 0.001

@@ -45,6 +45,19 @@ def cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in forward_params(model) else "past_key_values"
 
 
+def draw(logprobs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row from softmax probabilities given as log-probs (B, V) -> (B, 1).
+
+    Inverse-CDF sampling: one uniform per row instead of torch.multinomial's one exponential per
+    vocabulary entry (about 10x faster at V = 4096 on CPU). The CDF is accumulated in float64: in float32
+    its rounding (~6e-8 absolute) would distort the chance of drawing rare tokens, and then the log-prob
+    tether records would no longer be that of the distribution that sampled.
+    """
+    cdf = logprobs.double().exp().cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # first index with cdf > u
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -67,7 +80,7 @@ def sample(
     for t in range(max_new_tokens):
         scores = sampler.step_scores(out.logits[:, -1], ids, mask, t)  # (B, V)
         logp_all = torch.log_softmax(scores, dim=-1)
-        token = torch.multinomial(logp_all.exp(), 1, generator=generator)  # (B, 1)
+        token = draw(logp_all, generator)  # (B, 1)
         logps.append(logp_all.gather(-1, token))
         token = torch.where(finished[:, None], torch.full_like(token, pad_token_id), token)
         tokens.append(token)

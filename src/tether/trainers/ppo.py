@@ -28,7 +28,7 @@ from tether.rollout import Sampler, sample
 from tether.trainers.batching import left_pad, minibatches, right_pad
 from tether.trainers.checkpoint import capture_state, list_checkpoints, load_checkpoint, restore_state, save_checkpoint
 from tether.trainers.run import RunLogger
-from tether.trainers.setup import check_token_rows, eos_ids, eos_rate, load_tokenizer, seed_everything, t_critical_001
+from tether.trainers.setup import check_token_rows, eos_ids, make_adamw, eos_rate, load_tokenizer, seed_everything, t_critical_001
 
 log = logging.getLogger("tether")
 
@@ -92,8 +92,8 @@ class PPOTrainer:
         self.kl_ctl = (AdaptiveKLController(c.init_kl_coef, c.kl_target, c.kl_horizon) if c.adaptive_kl
                        else FixedKLController(c.init_kl_coef))
         self.score_moments = RunningMoments()
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay,
-                                           eps=c.adam_eps)
+        self.optimizer = make_adamw(self.policy.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay,
+                                    eps=c.adam_eps)
         updates = c.steps * c.ppo_epochs * (c.batch_size // c.minibatch_size)
         self.scheduler = get_scheduler(c.lr_scheduler_type, self.optimizer, num_warmup_steps=c.warmup_steps,
                                        num_training_steps=updates)
