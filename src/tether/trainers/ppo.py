@@ -28,7 +28,15 @@ from tether.rollout import Sampler, sample
 from tether.trainers.batching import left_pad, minibatches, right_pad
 from tether.trainers.checkpoint import capture_state, list_checkpoints, load_checkpoint, restore_state, save_checkpoint
 from tether.trainers.run import RunLogger
-from tether.trainers.setup import check_token_rows, eos_ids, make_adamw, eos_rate, load_tokenizer, seed_everything, t_critical_001
+from tether.trainers.setup import (
+    check_token_rows,
+    eos_ids,
+    eos_rate,
+    load_tokenizer,
+    make_adamw,
+    seed_everything,
+    t_critical_001,
+)
 
 log = logging.getLogger("tether")
 
