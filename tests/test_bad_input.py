@@ -196,11 +196,11 @@ def test_prompts_from_csv_and_dataset(tmp_path):
     (rewards.gives_inf, r"the reward was inf for completion\(s\) \[3\]"),
 ])
 def test_nan_or_inf_reward_skips_updates_then_halts(tmp_path, reward, message):
-    from tether.trainers.ppo import TrainingHalted
+    from tether.trainers.guards import TrainingHalted
 
     t = trainer(tmp_path, reward=reward, steps=5, max_faults_in_row=2)
     before = {k: v.clone() for k, v in t.policy.state_dict().items()}
     with pytest.warns(UserWarning, match="step 1 skipped"), pytest.raises(TrainingHalted, match="stopped at step 2: 2 steps in a row"):
         t.train()
     assert all(torch.equal(before[k], v) for k, v in t.policy.state_dict().items())
-    assert t.skipped_steps == 2
+    assert t.faults.skipped_steps == 2

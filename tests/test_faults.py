@@ -6,7 +6,8 @@ from conftest import make_model, make_tokenizer
 
 import tether.trainers.ppo as ppo_module
 from tether import PPOConfig
-from tether.trainers.ppo import PPOTrainer, TrainingHalted
+from tether.trainers.guards import TrainingHalted
+from tether.trainers.ppo import PPOTrainer
 
 PROMPTS = ["the movie was", "i really", "a story", "we"]
 
@@ -58,7 +59,7 @@ def test_a_good_step_resets_the_fault_count(tmp_path):
     t.step(gen.queries, gen.responses, [1.0, 0.0, 0.5, 0.2])
     with pytest.warns(UserWarning, match="skipped"):
         t.step(gen.queries, gen.responses, [float("inf")] * 4)  # one in a row again: no halt
-    assert t.faults_in_row == 1 and t.skipped_steps == 2
+    assert t.faults.in_row == 1 and t.faults.skipped_steps == 2
 
 
 def test_ratio_guard_skips_minibatches_that_moved_too_far(tmp_path):

@@ -9,7 +9,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 from tether.config import PPOConfig
 from tether.demo import DEMO_DEFAULTS
 from tether.models.rewards import RewardError
-from tether.trainers.ppo import TrainingHalted
+from tether.trainers.guards import TrainingHalted
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # PPOConfig's field docstrings become --help
 

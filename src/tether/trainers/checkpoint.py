@@ -82,8 +82,8 @@ def capture_state(trainer) -> dict:
         "kl_ctl": trainer.kl_ctl.state_dict(),
         "score_moments": trainer.score_moments.state_dict(),
         "reward": reward_state() if callable(reward_state) else None,
-        "counters": {"support_flips": trainer.support_flips, "faults_in_row": trainer.faults_in_row,
-                     "skipped_steps": trainer.skipped_steps},
+        "support_flips": trainer.support_flips,
+        "faults": trainer.faults.state_dict(),
         "order": list(trainer._order),
         "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -106,8 +106,8 @@ def restore_state(trainer, state: dict) -> None:
     trainer.score_moments.load_state_dict(state["score_moments"])
     if state["reward"] is not None and hasattr(trainer.reward, "load_state_dict"):
         trainer.reward.load_state_dict(state["reward"])
-    for name, value in state["counters"].items():
-        setattr(trainer, name, value)
+    trainer.support_flips = state["support_flips"]
+    trainer.faults.load_state_dict(state["faults"])
     trainer._order = list(state["order"])
     rng = state["rng"]
     random.setstate(rng["python"])

@@ -27,6 +27,7 @@ from tether.report import build_report
 from tether.rollout import Sampler, sample
 from tether.trainers.batching import left_pad, minibatches, right_pad
 from tether.trainers.checkpoint import capture_state, list_checkpoints, load_checkpoint, restore_state, save_checkpoint
+from tether.trainers.guards import FaultCounter, warn_if_negative_kl
 from tether.trainers.run import RunLogger
 from tether.trainers.setup import (
     check_token_rows,
@@ -35,14 +36,9 @@ from tether.trainers.setup import (
     load_tokenizer,
     make_adamw,
     seed_everything,
-    t_critical_001,
 )
 
 log = logging.getLogger("tether")
-
-
-class TrainingHalted(RuntimeError):
-    """Too many numerical faults in a row; the message says which and where."""
 
 
 @dataclass
@@ -111,8 +107,7 @@ class PPOTrainer:
         self._order: list[int] = []  # prompt indices still to visit in this pass
         self.step_count = 0
         self.support_flips = 0  # sampled tokens that replay put outside the sampler's support (round-off)
-        self.faults_in_row = 0  # consecutive steps with a skipped update (nan/inf reward, loss or gradient)
-        self.skipped_steps = 0
+        self.faults = FaultCounter(c.max_faults_in_row)
 
     # ---- step API -----------------------------------------------------------------------------
     def generate(self, queries: list[str] | list[Tensor]) -> Generation:
@@ -182,10 +177,10 @@ class PPOTrainer:
             "time/optimise": t_optimise,
             "time/step": time.perf_counter() - t0,
         }
-        self._warn_if_negative_kl(estimate_per_seq)
-        self._count_faults(faulty=train_stats["faults/skipped_minibatches"] > 0,
-                           why="a minibatch loss or gradient was nan/inf")
-        stats["faults/skipped_steps"] = float(self.skipped_steps)
+        warn_if_negative_kl(estimate_per_seq, self.step_count)
+        self.faults.record(train_stats["faults/skipped_minibatches"] > 0, "a minibatch loss or gradient was nan/inf",
+                           self.step_count)
+        stats["faults/skipped_steps"] = float(self.faults.skipped_steps)
         return stats
 
     def _skip_step(self, raw_scores: Tensor) -> dict[str, float]:
@@ -195,18 +190,10 @@ class PPOTrainer:
         warnings.warn(f"step {self.step_count + 1} skipped: {why}", stacklevel=3)
         self.step_count += 1
         self._last_kl_per_seq = [math.nan] * len(raw_scores)
-        self._count_faults(faulty=True, why=why)
+        self.faults.record(True, why, self.step_count)
         finite = raw_scores[torch.isfinite(raw_scores)]
         return {"env/reward_mean": finite.mean().item() if len(finite) else math.nan, "objective/kl": math.nan,
-                "objective/kl_coef": self.kl_ctl.value, "faults/skipped_steps": float(self.skipped_steps)}
-
-    def _count_faults(self, faulty: bool, why: str) -> None:
-        self.faults_in_row = self.faults_in_row + 1 if faulty else 0
-        self.skipped_steps += int(faulty)
-        if self.faults_in_row >= self.config.max_faults_in_row:
-            raise TrainingHalted(f"stopped at step {self.step_count}: {self.faults_in_row} steps in a row had updates "
-                                 f"skipped for numerical faults (max_faults_in_row={self.config.max_faults_in_row}); "
-                                 f"the last: {why}. The weights are those of the last good update.")
+                "objective/kl_coef": self.kl_ctl.value, "faults/skipped_steps": float(self.faults.skipped_steps)}
 
     # ---- the loop ---------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
@@ -382,22 +369,3 @@ class PPOTrainer:
                              f"exceeds the model's context of {context} tokens. Shorten the prompt or lower "
                              f"max_new_tokens. Prompt starts: {text[:80]!r}")
         return ids
-
-    def _warn_if_negative_kl(self, estimate_per_seq: Tensor) -> None:
-        """The sampled estimate's expectation is the true KL (>= 0). A batch mean significantly below zero
-        (one-sided t-test, p < 0.001) means the samples were not drawn from the distribution they were scored
-        under. The t critical value matters: with a handful of completions the standard error is itself noisy."""
-        n = len(estimate_per_seq)
-        mean = estimate_per_seq.mean().item()
-        if n < 2:
-            return
-        stderr = (estimate_per_seq.std() / n**0.5).item()
-        if not mean < -max(t_critical_001(n - 1) * stderr, 1e-6):
-            return
-        warnings.warn(
-            f"objective/kl_estimate = {mean:.4g} < 0 at step {self.step_count}, {abs(mean) / max(stderr, 1e-12):.1f} "
-            f"standard errors below zero; a true KL cannot be negative, and a negative one is a reward the policy "
-            f"can farm. tether scores every sample under the distribution that drew it, so the likely causes are "
-            f"responses not produced by this trainer's generate() (sampled with other settings such as top-k, "
-            f"top-p or min_new_tokens, by another generation loop, or re-tokenised from text) or prompts padded "
-            f"differently than at generation.", stacklevel=3)
