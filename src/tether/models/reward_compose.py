@@ -16,6 +16,7 @@ Per component the order is: baseline -> normalise -> clip -> weight (clip bounds
 so `clip: 3` means three running standard deviations, whatever the reward's own scale).
 """
 
+import math
 from collections import OrderedDict
 from pathlib import Path
 
@@ -41,10 +42,11 @@ class QueryBaseline:
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         if missing:
             for p, s in zip(missing, score_batch(self.reward, missing, [""] * len(missing)).tolist()):
-                self._cache[p] = s
+                if math.isfinite(s):  # a nan is passed on (the trainer skips that step), never remembered
+                    self._cache[p] = s
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-        return (full - torch.tensor([self._cache[p] for p in prompts])).tolist()
+        return (full - torch.tensor([self._cache.get(p, math.nan) for p in prompts])).tolist()
 
 
 class RunningNormalize:
@@ -58,7 +60,9 @@ class RunningNormalize:
 
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
         scores = score_batch(self.reward, prompts, completions)
-        self.moments.update(scores)
+        # Only finite scores update the statistics: score_batch passes nan/inf on (the PPO trainer skips
+        # that step), and one of them in the moments would turn every later score into nan.
+        self.moments.update(scores[torch.isfinite(scores)])
         return ((scores - self.moments.mean) / max(self.moments.std, self.eps)).tolist()
 
     def state_dict(self) -> dict:

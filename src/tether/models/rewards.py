@@ -90,6 +90,9 @@ class RewardModel:
         name = path if path is not None else type(model).__name__
         self.tokenizer = AutoTokenizer.from_pretrained(path) if tokenizer is None else tokenizer
         self.tokenizer.truncation_side = "left"
+        # Right padding: with left padding a model without explicit position ids (GPT-2's sequence
+        # classifier, BERT) shifts every position of a short row, so a text's score would depend on its batch.
+        self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = (AutoModelForSequenceClassification.from_pretrained(path) if model is None else model)

@@ -164,6 +164,7 @@ def _load(model, tokenizer, name: str):
     path = resolve_backbone(name) if model is None or tokenizer is None else None
     tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
     tokenizer.truncation_side = "left"  # keep the response; the RewardModel adapter cuts the same way
+    tokenizer.padding_side = "right"  # positions independent of the batch, as in RewardModel
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
