@@ -97,7 +97,7 @@ class RewardTrainer:
                 order = torch.randperm(len(self.train_set), generator=self.order_generator).tolist()
                 for start in range(0, len(order), c.batch_size):
                     stats = self._train_step(self.train_set.subset(order[start:start + c.batch_size]))
-                    stats["train/epoch"] = epoch + (start + c.batch_size) / len(order)
+                    stats["train/epoch"] = epoch + min(1.0, (start + c.batch_size) / len(order))
                     sink.log(stats, self.step_count)
                     bar.set_postfix(loss=f"{stats['train/loss']:.3f}")
                     bar.update(1)
@@ -159,8 +159,9 @@ def _load(model, tokenizer, name: str):
     """(tokenizer, model) with a single-output head and a pad token (both needed to batch texts)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    if model is None and not name:
-        raise ValueError("no backbone: set `model` (a hub name, a folder, or `minilm`) or pass model=")
+    if (model is None or tokenizer is None) and not name:
+        raise ValueError("no backbone: set `model` (a hub name, a folder, or `minilm`) or pass both model= and "
+                         "tokenizer=")
     path = resolve_backbone(name) if model is None or tokenizer is None else None
     tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
     tokenizer.truncation_side = "left"  # keep the response; the RewardModel adapter cuts the same way
