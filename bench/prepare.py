@@ -1,0 +1,87 @@
+"""Write the inputs both sides load (run with tether's .venv): bench/results/<workload>/inputs.json.
+
+(a) a random GPT-2 (4 layers, width 256, vocabulary 4096) built once from a fixed seed, saved with a
+    WordLevel tokenizer (token "w<i>" = id i, id 0 = <|endoftext|>), and 64 prompts of exactly 16 ids.
+(b) SmolLM2-135M-Instruct from tether's cache, and the first 16 movie-review openings tokenised by it.
+    TRL's side gets a copy of the folder readable by transformers 4.46: the weights are linked, the
+    config gains `rope_theta` (5.x moved it into `rope_parameters`, which 4.46 ignores, silently falling
+    back to 10000), and the tokenizer config names PreTrainedTokenizerFast instead of 5.x's backend class.
+The logits checksum of the first prompt is stored; each side recomputes it and compare.py checks them.
+"""
+
+import json
+import os
+import shutil
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from workloads import RESULTS, folder, logits_checksum, progress
+
+EOS = "<|endoftext|>"
+
+
+def tokenizer_config(special: dict) -> dict:
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192, **special}
+
+
+def tiny_gpt2() -> dict:
+    out = folder("a") / "tiny-gpt2"
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=4096, n_positions=64, n_embd=256, n_layer=4, n_head=4,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)  # deterministic: no dropout
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(out)
+    vocab = {EOS: 0, **{f"w{i}": i for i in range(1, 4096)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=EOS))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(
+        {"eos_token": EOS, "pad_token": EOS, "bos_token": EOS, "unk_token": EOS})))
+    g = torch.Generator().manual_seed(1)
+    prompt_ids = torch.randint(1, 4096, (64, 16), generator=g).tolist()
+    return {"model": {"tether": str(out), "trl": str(out)}, "prompt_ids": prompt_ids,
+            "logits_checksum": logits_checksum(model, prompt_ids)}
+
+
+def smollm2() -> dict:
+    from transformers import AutoTokenizer
+
+    from tether.demo import movie_review_openings
+    from tether.models.smollm2 import smollm2_path
+
+    src = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    prompts = movie_review_openings()[:16]
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    trl = folder("b") / "smollm2-for-transformers-4.46"
+    shutil.rmtree(trl, ignore_errors=True)
+    trl.mkdir(parents=True)
+    for name in ("model.safetensors", "tokenizer.json", "generation_config.json"):
+        os.symlink(src / name, trl / name)
+    config = json.loads((src / "config.json").read_text())
+    config["rope_theta"] = config.get("rope_parameters", {}).get("rope_theta", config.get("rope_theta"))
+    config["torch_dtype"] = config.get("dtype", "float32")
+    (trl / "config.json").write_text(json.dumps(config, indent=2))
+    special = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    (trl / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(special)))
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    return {"model": {"tether": str(src), "trl": str(trl)}, "prompts": prompts, "prompt_ids": prompt_ids,
+            "logits_checksum": logits_checksum(model, prompt_ids)}
+
+
+def main(workloads=("a", "b")) -> None:
+    for name in workloads:
+        progress(f"prepare workload ({name})")
+        meta = {"a": tiny_gpt2, "b": smollm2}[name]()
+        folder(name).mkdir(parents=True, exist_ok=True)
+        (folder(name) / "inputs.json").write_text(json.dumps(meta))
+    RESULTS.mkdir(exist_ok=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:] or ("a", "b"))

@@ -1,0 +1,81 @@
+"""One workload through tether's step API (tether's .venv): python bench/run_tether.py a --steps 3
+
+One untimed warm-up step, then --steps timed steps of generate -> reward -> step. Prints one RESULT line.
+Training-phase FLOPs (a model-FLOPs count, the usual 6 x params x tokens for forward + backward):
+    6 * ppo_epochs * (N_body * B * (P + T) + N_head * B * T)
+N_body: parameters outside the embeddings and the LM head; N_head = vocabulary x width (tether projects only
+the T response positions onto the vocabulary); P, T: padded prompt and response lengths of the step.
+Attention score FLOPs, the value head and the optimiser update are left out (small at these lengths).
+Divided by time/optimise (the PPO epochs alone) it gives the GFLOP/s compare.py sets against matmul.py.
+"""
+
+import argparse
+import time
+
+import torch
+from torch import nn
+
+from workloads import WORKLOADS, emit, load_inputs, logits_checksum, mean, progress, summary, token_share
+
+
+def param_counts(model) -> tuple[int, int]:
+    """(N_body, N_head): embeddings (token and position) and the LM head excluded from the body."""
+    head = model.get_output_embeddings().weight
+    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    body = sum(p.numel() for p in model.parameters() if id(p) not in embeddings and p is not head)
+    return body, head.numel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workload", choices=WORKLOADS)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    w = WORKLOADS[args.workload]
+    import tether
+    from tether import PPOConfig
+    from tether.demo import vader_reward
+    from tether.trainers.ppo import PPOTrainer
+
+    path, prompt_ids, meta = load_inputs(w.name, "tether")
+    config = PPOConfig(model=str(path), output_dir=str(path.parent / "tether-run"), seed=w.seed,
+                       steps=args.steps + 1, batch_size=w.batch_size, minibatch_size=w.minibatch_size,
+                       ppo_epochs=w.ppo_epochs, gradient_accumulation_steps=1, learning_rate=w.learning_rate,
+                       init_kl_coef=w.init_kl_coef, adaptive_kl=False, max_new_tokens=w.max_new_tokens,
+                       temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=0, max_grad_norm=1.0)
+    trainer = PPOTrainer(config)
+    checksum = logits_checksum(trainer.policy.model, prompt_ids)
+    queries = [torch.tensor(q) for q in prompt_ids]
+    body, head = param_counts(trainer.policy.model)
+    timings, tokens, rewards, flops = [], [], [], []
+    for step in range(args.steps + 1):
+        t0 = time.perf_counter()
+        gen = trainer.generate(queries)
+        t1 = time.perf_counter()
+        if w.reward == "vader":
+            scores = vader_reward([""] * len(gen.texts), gen.texts)
+        else:
+            scores = token_share([r.tolist() for r in gen.responses])
+        t2 = time.perf_counter()
+        stats = trainer.step(gen.queries, gen.responses, scores)
+        t3 = time.perf_counter()
+        n_tokens = sum(len(r) for r in gen.responses)
+        progress(f"tether ({w.name}) step {step}{' (warm-up)' if step == 0 else ''}: {t3 - t0:.2f} s, "
+                 f"{n_tokens} tokens, reward {mean(scores):.3f}, kl {stats['objective/kl']:.3f}")
+        if step == 0:
+            continue
+        B, P, T = len(queries), max(map(len, gen.queries)), max(map(len, gen.responses))
+        flops.append(6 * w.ppo_epochs * (body * B * (P + T) + head * B * T))
+        timings.append({"generate": t1 - t0, "reward": t2 - t1, "score_forward": stats["time/score"],
+                        "optimise": stats["time/optimise"], "step": t3 - t2, "total": t3 - t0})
+        tokens.append(n_tokens)
+        rewards.append(mean(scores))
+    result = summary(w, "tether", timings, tokens, rewards)
+    result.update({"tether": getattr(tether, "__version__", "dev"), "logits_checksum": checksum,
+                   "params_body": body, "params_head": head, "train_flops_per_step": mean(flops),
+                   "train_gflops_per_s": mean(flops) / result["s_per_step"]["optimise"] / 1e9})
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""What both sides run: the workloads, the rewards, and small helpers shared by run_tether.py and run_trl.py.
+
+Imports only torch and the standard library, so it loads in tether's .venv and in bench/.venv-trl alike.
+The prepared inputs (model folders, prompt token ids) live in bench/results/<workload>/, written once by
+prepare.py; both sides read the same token ids, so nothing depends on two tokenizer versions agreeing.
+"""
+
+import json
+import resource
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    batch_size: int  # = number of prompts; one generate call and one PPO step over all of them
+    minibatch_size: int
+    max_new_tokens: int
+    reward: str  # "token_share" or "vader"
+    ppo_epochs: int = 4
+    learning_rate: float = 1.41e-5  # TRL 0.11's PPOConfig default, used on both sides
+    init_kl_coef: float = 0.05  # fixed (non-adaptive) KL coefficient on both sides
+    seed: int = 0
+
+
+WORKLOADS = {
+    "a": Workload("a", batch_size=64, minibatch_size=16, max_new_tokens=32, reward="token_share"),
+    "b": Workload("b", batch_size=16, minibatch_size=4, max_new_tokens=24, reward="vader"),
+}
+REWARD_TOKEN = 7  # workload (a): the reward is the share of this token id among the response tokens
+
+
+def folder(workload: str) -> Path:
+    return RESULTS / workload
+
+
+def load_inputs(workload: str, side: str) -> tuple[Path, list[list[int]], dict]:
+    """(model folder for this side, prompt token ids, prepared metadata incl. the logits checksum)."""
+    meta_file = folder(workload) / "inputs.json"
+    if not meta_file.exists():
+        sys.exit(f"{meta_file} is missing: run `python bench/prepare.py` (tether's .venv) first")
+    meta = json.loads(meta_file.read_text())
+    return Path(meta["model"][side]), meta["prompt_ids"], meta
+
+
+def token_share(responses: list[list[int]]) -> list[float]:
+    """Reward (a): share of REWARD_TOKEN among each response's tokens (cheap, computed from ids)."""
+    return [sum(t == REWARD_TOKEN for t in r) / max(len(r), 1) for r in responses]
+
+
+def vader(texts: list[str]) -> list[float]:
+    """Reward (b): VADER compound of the completion alone (what tether.demo.vader_reward computes)."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = vader.__dict__.setdefault("analyzer", SentimentIntensityAnalyzer())
+    return [float(analyzer.polarity_scores(t)["compound"]) for t in texts]
+
+
+@torch.no_grad()
+def logits_checksum(model, prompt_ids: list[list[int]]) -> float:
+    """Sum of the first prompt's logits: equal on both sides iff both loaded the same weights the same way."""
+    ids = torch.tensor([prompt_ids[0]])
+    return float(model(input_ids=ids).logits.double().sum())
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def progress(*parts) -> None:
+    print("  [bench]", *parts, file=sys.stderr, flush=True)
+
+
+def emit(result: dict) -> None:
+    """The one machine-readable line compare.py looks for."""
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def summary(w: Workload, side: str, timings: list[dict], tokens: list[int], rewards: list[float]) -> dict:
+    """Per-step means of the phase timings -> episodes/s, generated tokens/s (per second of whole step)."""
+    import transformers
+
+    phases = {k: mean(t[k] for t in timings) for k in timings[0]}
+    total = phases["total"]
+    return {
+        "side": side, "workload": asdict(w), "timed_steps": len(timings),
+        "episodes_per_s": w.batch_size / total,
+        "tokens_per_s": mean(tokens) / total,
+        "s_per_step": phases,
+        "response_tokens_per_step": mean(tokens),
+        "reward_mean": mean(rewards),
+        "peak_rss_mb": peak_rss_mb(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
