@@ -29,7 +29,7 @@ def gflops(n: int, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     gflops(1024, 3)  # wake the thread pool and the vector units before anything is recorded
     by_size = {}

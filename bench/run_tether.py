@@ -6,7 +6,7 @@ Training-phase FLOPs (a model-FLOPs count, the usual 6 x params x tokens for for
 N_body: parameters outside the embeddings and the LM head; N_head = vocabulary x width (tether projects only
 the T response positions onto the vocabulary); P, T: padded prompt and response lengths of the step.
 Attention score FLOPs, the value head and the optimiser update are left out (small at these lengths).
-Divided by time/optimise (the PPO epochs alone) it gives the GFLOP/s compare.py sets against matmul.py.
+Divided by time/optimise (the PPO epochs alone; median over the timed steps) it gives the GFLOP/s compare.py sets against matmul.py.
 """
 
 import argparse
@@ -49,7 +49,7 @@ def main() -> None:
     body, head = param_counts(trainer.policy.model)
     timings, tokens, rewards, flops = [], [], [], []
     for step in range(args.steps + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         gen = trainer.generate(queries)
         t1 = time.perf_counter()
         if w.reward == "vader":
@@ -67,7 +67,8 @@ def main() -> None:
         B, P, T = len(queries), max(map(len, gen.queries)), max(map(len, gen.responses))
         flops.append(6 * w.ppo_epochs * (body * B * (P + T) + head * B * T))
         timings.append({"generate": t1 - t0, "reward": t2 - t1, "score_forward": stats["time/score"],
-                        "optimise": stats["time/optimise"], "step": t3 - t2, "total": t3 - t0})
+                        "optimise": stats["time/optimise"], "step": t3 - t2, "total": t3 - t0,
+                        "cpu": time.process_time() - c0})
         tokens.append(n_tokens)
         rewards.append(mean(scores))
     result = summary(w, "tether", timings, tokens, rewards)

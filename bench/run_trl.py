@@ -39,7 +39,7 @@ def main() -> None:
     queries = [torch.tensor(q) for q in prompt_ids]
     timings, tokens, rewards = [], [], []
     for step in range(args.steps + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         responses = trainer.generate(queries, batch_size=len(queries), return_prompt=False, **generation_kwargs)
         t1 = time.perf_counter()
         if w.reward == "vader":
@@ -54,7 +54,8 @@ def main() -> None:
                  f"{n_tokens} tokens, reward {mean(scores):.3f}, kl {float(stats['objective/kl']):.3f}")
         if step == 0:
             continue
-        timings.append({"generate": t1 - t0, "reward": t2 - t1, "step": t3 - t2, "total": t3 - t0})
+        timings.append({"generate": t1 - t0, "reward": t2 - t1, "step": t3 - t2, "total": t3 - t0,
+                        "cpu": time.process_time() - c0})
         tokens.append(n_tokens)
         rewards.append(mean(scores))
     result = summary(w, "trl", timings, tokens, rewards)

@@ -8,6 +8,7 @@ prepare.py; both sides read the same token ids, so nothing depends on two tokeni
 import json
 import resource
 import sys
+from statistics import median
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -88,16 +89,19 @@ def mean(xs) -> float:
 
 
 def summary(w: Workload, side: str, timings: list[dict], tokens: list[int], rewards: list[float]) -> dict:
-    """Per-step means of the phase timings -> episodes/s, generated tokens/s (per second of whole step)."""
+    """Per-step medians of the phase timings -> episodes/s and generated tokens/s of wall-clock step time, and
+    episodes per CPU-second of the process (all its threads). Every step's timings go along in `per_step`;
+    compare.py's table uses the fastest step (see its `headline`)."""
     import transformers
 
-    phases = {k: mean(t[k] for t in timings) for k in timings[0]}
+    phases = {k: median(t[k] for t in timings) for k in timings[0]}
     total = phases["total"]
     return {
         "side": side, "workload": asdict(w), "timed_steps": len(timings),
         "episodes_per_s": w.batch_size / total,
-        "tokens_per_s": mean(tokens) / total,
-        "s_per_step": phases,
+        "tokens_per_s": median(tokens) / total,
+        "episodes_per_cpu_s": w.batch_size / phases["cpu"],
+        "s_per_step": phases, "per_step": timings,
         "response_tokens_per_step": mean(tokens),
         "reward_mean": mean(rewards),
         "peak_rss_mb": peak_rss_mb(),
