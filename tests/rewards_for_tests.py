@@ -23,3 +23,7 @@ def gives_text(prompts, completions):
 
 def raises(prompts, completions):
     raise KeyError("no such label")
+
+
+def fails_on_long(prompts, completions):
+    return [1.0 / (len(c.split()) < 3) for c in completions]  # ZeroDivisionError for a completion of 3+ words

@@ -204,3 +204,10 @@ def test_nan_or_inf_reward_skips_updates_then_halts(tmp_path, reward, message):
         t.train()
     assert all(torch.equal(before[k], v) for k, v in t.policy.state_dict().items())
     assert t.faults.skipped_steps == 2
+
+
+def test_reward_exception_names_the_offending_pair():
+    from tether.models.rewards import RewardError, score_batch
+
+    with pytest.raises(RewardError, match=r"ZeroDivisionError.*on completion 1\. Prompt: 'b' Completion: 'x y z'"):
+        score_batch(rewards.fails_on_long, ["a", "b", "c"], ["x", "x y z", "y"])

@@ -5,12 +5,16 @@ from tether.config import PPOConfig
 __version__ = "0.1.0"
 
 
-def __getattr__(name):  # keep `import tether` light: the trainer pulls in transformers
-    if name == "PPOTrainer":
-        from tether.trainers.ppo import PPOTrainer
+_LAZY = {"PPOTrainer": "tether.trainers.ppo", "RewardTrainer": "tether.trainers.reward",
+         "RewardConfig": "tether.reward_config"}
 
-        return PPOTrainer
+
+def __getattr__(name):  # keep `import tether` light: the trainers pull in transformers
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(name)
 
 
-__all__ = ["PPOConfig", "PPOTrainer", "__version__"]
+__all__ = ["PPOConfig", "PPOTrainer", "RewardConfig", "RewardTrainer", "__version__"]

@@ -53,8 +53,10 @@ def score_batch(reward: RewardFn, prompts: list[str], completions: list[str]) ->
     try:
         scores = reward(prompts, completions)
     except Exception as err:
-        raise RewardError(f"the reward function raised {type(err).__name__}: {err} (on a batch of {len(prompts)}; "
-                          f"first prompt {prompts[0]!r}, completion {completions[0]!r})") from err
+        i = _first_failing(reward, prompts, completions)
+        where = (f"on completion {i}. Prompt: {prompts[i]!r} Completion: {completions[i]!r}" if i is not None
+                 else f"on the batch of {len(prompts)} (each completion alone scores fine)")
+        raise RewardError(f"the reward function raised {type(err).__name__}: {err} {where}") from err
     if isinstance(scores, torch.Tensor):
         scores = scores.detach().float().reshape(-1).tolist()
     try:
@@ -68,6 +70,16 @@ def score_batch(reward: RewardFn, prompts: list[str], completions: list[str]) ->
             raise TypeError(f"the reward returned {s!r} ({type(s).__name__}) for completion {i}; expected a number."
                             f" Prompt: {prompts[i]!r} Completion: {completions[i]!r}")
     return torch.tensor([float(s) for s in scores])
+
+
+def _first_failing(reward: RewardFn, prompts: list[str], completions: list[str]) -> int | None:
+    """After a batch failed: call the reward one pair at a time to name the pair that breaks it."""
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        try:
+            reward([prompt], [completion])
+        except Exception:
+            return i
+    return None
 
 
 class RewardModel:
