@@ -192,6 +192,16 @@ def _errors(c: PPOConfig):
     if (c.whiten_advantages or c.whiten_rewards) and c.batch_size == 1:
         problems.append("batch_size=1 cannot be whitened (a one-token response leaves one value); use batch_size >= 2 "
                         "or set whiten_advantages=false and whiten_rewards=false")
+    problems.extend(scheduler_and_device_errors(c))
+    from tether.rollout.sampling import generation_kwargs_errors  # the rules live beside the sampler
+
+    problems.extend(generation_kwargs_errors(c.generation_kwargs))
+    return problems
+
+
+def scheduler_and_device_errors(c) -> list[str]:
+    """Checks shared by every config with `lr_scheduler_type` and `device` (PPOConfig, RewardConfig)."""
+    problems = []
     if c.lr_scheduler_type not in _SCHEDULERS:
         problems.append(f"lr_scheduler_type={c.lr_scheduler_type!r} is not one of {sorted(_SCHEDULERS)}")
     if c.device != "auto":
@@ -199,7 +209,4 @@ def _errors(c: PPOConfig):
             torch.device(c.device)
         except RuntimeError:
             problems.append(f"device={c.device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)")
-    from tether.rollout.sampling import generation_kwargs_errors  # the rules live beside the sampler
-
-    problems.extend(generation_kwargs_errors(c.generation_kwargs))
     return problems

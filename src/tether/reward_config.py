@@ -8,9 +8,8 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
-from transformers import SchedulerType
 
-_SCHEDULERS = {t.value for t in SchedulerType}
+from tether.config import scheduler_and_device_errors
 
 
 @dataclass(frozen=True)
@@ -83,13 +82,7 @@ def _errors(c: RewardConfig) -> list[str]:
         problems.append(f"objective={c.objective!r} must be pairwise or regression")
     if c.objective == "regression" and c.margin:
         problems.append(f"margin={c.margin!r} only applies to objective=pairwise")
-    if c.lr_scheduler_type not in _SCHEDULERS:
-        problems.append(f"lr_scheduler_type={c.lr_scheduler_type!r} is not one of {sorted(_SCHEDULERS)}")
-    if c.device != "auto":
-        try:
-            torch.device(c.device)
-        except RuntimeError:
-            problems.append(f"device={c.device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)")
+    problems.extend(scheduler_and_device_errors(c))
     return problems
 
 
