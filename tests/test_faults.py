@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import make_model, make_tokenizer
 
-import tether.trainers.ppo as ppo_module
+import tether.trainers.base as ppo_module
 from tether import PPOConfig
 from tether.trainers.guards import TrainingHalted
 from tether.trainers.ppo import PPOTrainer

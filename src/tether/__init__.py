@@ -5,8 +5,9 @@ from tether.config import PPOConfig
 __version__ = "0.1.0"
 
 
-_LAZY = {"PPOTrainer": "tether.trainers.ppo", "RewardTrainer": "tether.trainers.reward",
-         "RewardConfig": "tether.reward_config"}
+_LAZY = {"PPOTrainer": "tether.trainers.ppo", "GRPOTrainer": "tether.trainers.grpo",
+         "RLOOTrainer": "tether.trainers.rloo", "ReinforcePPTrainer": "tether.trainers.reinforce_pp",
+         "RewardTrainer": "tether.trainers.reward", "RewardConfig": "tether.reward_config"}
 
 
 def __getattr__(name):  # keep `import tether` light: the trainers pull in transformers
@@ -17,4 +18,5 @@ def __getattr__(name):  # keep `import tether` light: the trainers pull in trans
     raise AttributeError(name)
 
 
-__all__ = ["PPOConfig", "PPOTrainer", "RewardConfig", "RewardTrainer", "__version__"]
+__all__ = ["GRPOTrainer", "PPOConfig", "PPOTrainer", "RLOOTrainer", "ReinforcePPTrainer", "RewardConfig",
+           "RewardTrainer", "__version__"]

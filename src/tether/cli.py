@@ -14,10 +14,14 @@ from tether.trainers.guards import TrainingHalted
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # PPOConfig's field docstrings become --help
 
 
+# `tether <command>` -> PPOConfig.algorithm; the keys an algorithm leaves unset take its defaults.
+ALGORITHM_COMMANDS = {"ppo": "ppo", "grpo": "grpo", "rloo": "rloo", "reinforce-pp": "reinforce++"}
+
+
 def _ppo_parser(description: str, defaults: dict | None = None) -> ArgumentParser:
     parser = ArgumentParser(description=description)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the keys below")
-    parser.add_class_arguments(PPOConfig, as_group=False)
+    parser.add_class_arguments(PPOConfig, as_group=False, skip={"algorithm"})  # the command names it
     if defaults:
         parser.set_defaults(**defaults)
     return parser
@@ -57,6 +61,15 @@ def build_parser() -> ArgumentParser:
     commands = parser.add_subcommands(dest="command")
     commands.add_subcommand("ppo", _ppo_parser("Train a causal LM with PPO against a reward."),
                             help="PPO on your model, prompts and reward")
+    commands.add_subcommand("grpo", _ppo_parser(
+        "GRPO: no critic; completions of one prompt are compared within their group (mean/std). Same keys as "
+        "`tether ppo`; defaults: num_generations 4, KL in the loss (k3)."), help="GRPO (critic-free)")
+    commands.add_subcommand("rloo", _ppo_parser(
+        "RLOO: no critic; each completion's baseline is the mean reward of its prompt's other completions. "
+        "Same keys as `tether ppo`; defaults: num_generations 4, KL in the reward."), help="RLOO (critic-free)")
+    commands.add_subcommand("reinforce-pp", _ppo_parser(
+        "REINFORCE++: no critic; per-token returns with the KL in the reward, whitened over the batch. Same "
+        "keys as `tether ppo`."), help="REINFORCE++ (critic-free)")
     commands.add_subcommand("demo", _ppo_parser(
         "Offline demo: PPO on SmolLM2-135M-Instruct toward positive movie reviews, scored by VADER. Takes the "
         "same keys as `tether ppo`; model, prompts and reward default to the demo's.", DEMO_DEFAULTS),
@@ -67,9 +80,9 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def config_from_args(args) -> PPOConfig:
+def config_from_args(args, command: str = "ppo") -> PPOConfig:
     keys = {k: v for k, v in vars(args).items() if k in PPOConfig.__dataclass_fields__}
-    return PPOConfig(**keys)
+    return PPOConfig(**keys, algorithm=ALGORITHM_COMMANDS.get(command, "ppo"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,15 +103,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command in ("reward", "inspect-reward"):
             _reward_command(args.command, sub)
         else:
-            config = config_from_args(sub)
+            config = config_from_args(sub, args.command)
             if args.command == "demo":
                 from tether.demo import demo_trainer
 
                 trainer = demo_trainer(config)
             else:
-                from tether.trainers.ppo import PPOTrainer
+                from tether.trainers import trainer_class
 
-                trainer = PPOTrainer(config)
+                trainer = trainer_class(config.algorithm)(config)
             _summary(config.output_dir, trainer.train())
     except (ValueError, TypeError, FileNotFoundError, ImportError, RewardError, TrainingHalted) as err:
         # Errors about the user's input end in one clear line; anything else keeps its traceback.

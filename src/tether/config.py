@@ -14,10 +14,24 @@ from tether.ops.kl import ESTIMATORS
 _SCHEDULERS = {t.value for t in SchedulerType}
 
 KLEstimatorName = Literal["kl", "k1", "abs", "mse", "k2", "k3", "full"]
+Algorithm = Literal["ppo", "grpo", "rloo", "reinforce++"]
+
+# Keys left unset (None) take their algorithm's default, resolved once when the config is built.
+ALGORITHM_DEFAULTS: dict[str, dict] = {
+    "ppo": {"num_generations": 1, "kl_in_loss": False, "whiten_advantages": True},
+    "grpo": {"num_generations": 4, "kl_in_loss": True, "whiten_advantages": False},
+    "rloo": {"num_generations": 4, "kl_in_loss": False, "whiten_advantages": False},
+    "reinforce++": {"num_generations": 1, "kl_in_loss": False, "whiten_advantages": True},
+}
 
 
 @dataclass(frozen=True)
 class PPOConfig:
+    algorithm: Algorithm = "ppo"
+    """ppo (GAE with a critic), or critic-free: grpo (group mean/std), rloo (leave-one-out baseline),
+    reinforce++ (batch-normalised returns). `tether grpo` etc. set it; it picks the defaults of the keys left
+    unset (num_generations, kl_in_loss, whiten_advantages)."""
+
     # --- what to train, on what, against what --------------------------------------------
     model: str = ""
     """Policy: a hub name or a local folder for AutoModelForCausalLM (a module can be passed to PPOTrainer instead)."""
@@ -37,7 +51,11 @@ class PPOConfig:
     steps: int = 20
     """Number of PPO steps (each: one batch of rollouts, then ppo_epochs of optimisation)."""
     batch_size: int = 16
-    """Rollouts (prompt + completion) per step."""
+    """Rollouts (prompt + completion) per step: batch_size / num_generations prompts, each sampled
+    num_generations times."""
+    num_generations: int | None = None
+    """Completions per prompt in each step (default: 1 for ppo and reinforce++, 4 for grpo and rloo); must
+    divide batch_size. grpo and rloo need >= 2; reinforce++ with >= 2 subtracts each prompt's mean score."""
     minibatch_size: int = 4
     """Rollouts per optimiser step; must divide batch_size."""
     ppo_epochs: int = 4
@@ -80,8 +98,12 @@ class PPOConfig:
     contrastive search, ...) are refused by name rather than ignored."""
 
     # --- KL tether ------------------------------------------------------------------------
-    kl_estimator: KLEstimatorName = "kl"
-    """Per-token KL estimator: kl (k1), abs, mse (k2), k3, or full (exact, over the vocabulary)."""
+    kl_in_loss: bool | None = None
+    """Where the KL tether acts: false puts -beta * KL in the reward (ppo, rloo, reinforce++ default), true
+    adds beta * KL to the loss at every update (grpo default)."""
+    kl_estimator: KLEstimatorName | None = None
+    """Per-token KL estimator: kl (k1), abs, mse (k2), k3, or full (exact, over the vocabulary; reward only).
+    Default: kl in the reward, k3 in the loss."""
     init_kl_coef: float = 0.05
     """beta in R = r - beta * KL (the starting value when adaptive_kl)."""
     adaptive_kl: bool = False
@@ -104,8 +126,9 @@ class PPOConfig:
     """Discount factor of GAE."""
     lam: float = 0.95
     """lambda of GAE."""
-    whiten_advantages: bool = True
-    """Whiten advantages over the batch."""
+    whiten_advantages: bool | None = None
+    """Whiten advantages over the batch (default: true for ppo and reinforce++, false for grpo and rloo,
+    whose group baselines already centre them)."""
 
     # --- PPO loss ---------------------------------------------------------------------------
     cliprange: float = 0.2
@@ -113,7 +136,27 @@ class PPOConfig:
     cliprange_value: float = 0.2
     """Value prediction clip around the rollout-time value."""
     vf_coef: float = 0.1
-    """Weight of the value loss."""
+    """Weight of the value loss (ppo)."""
+    critic: str = "shared"
+    """ppo's value function: shared (a head on the policy's last hidden state), policy (a separate copy of
+    the starting policy's body with its own head), reward (the reward model's body and score head; `reward`
+    must be a causal-LM reward folder with the policy's tokenizer), or a path to such a folder."""
+
+    # --- memory and precision ----------------------------------------------------------------
+    lora_r: int = 0
+    """LoRA rank (0 = train all weights). With LoRA the reference is the same model with its adapters
+    disabled: no second copy of the weights."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input (kept 0 by default: dropout makes the PPO ratio noisy)."""
+    lora_target_modules: list[str] | None = None
+    """Module names to adapt (default: every linear layer except the output head)."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer layer in the backward pass instead of storing its activations."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Forward passes in fp32, or under bf16 autocast (weights, optimiser and log-prob math stay fp32).
+    auto: bf16 on a GPU that supports it, fp32 otherwise."""
 
     # --- reliability --------------------------------------------------------------------------
     checkpoint_every: int = 50
@@ -136,6 +179,11 @@ class PPOConfig:
     """auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ..."""
 
     def __post_init__(self) -> None:
+        for key, value in ALGORITHM_DEFAULTS.get(self.algorithm, {}).items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        if self.kl_estimator is None:
+            object.__setattr__(self, "kl_estimator", "k3" if self.kl_in_loss else "kl")
         errors = list(_errors(self))
         if errors:
             raise ValueError("invalid PPOConfig:\n  - " + "\n  - ".join(errors))
@@ -160,12 +208,16 @@ def _errors(c: PPOConfig):
             problems.append(f"{name}={value!r} must be in {'(0' if low_open else '[0'}, 1]")
 
     problems: list[str] = []
+    if c.algorithm not in ALGORITHM_DEFAULTS:
+        return [f"algorithm={c.algorithm!r} is not one of {sorted(ALGORITHM_DEFAULTS)}"]
     for name in ("adam_eps", "steps", "batch_size", "minibatch_size", "ppo_epochs", "gradient_accumulation_steps",
                  "max_new_tokens", "learning_rate", "temperature", "cliprange", "cliprange_value",
-                 "kl_target", "kl_horizon", "samples_per_step", "keep_checkpoints", "max_faults_in_row"):
+                 "kl_target", "kl_horizon", "samples_per_step", "keep_checkpoints", "max_faults_in_row", "num_generations",
+                 "lora_alpha"):
         positive(name)
     for name in ("min_new_tokens", "top_k", "no_repeat_ngram_size", "init_kl_coef", "vf_coef", "weight_decay",
-                 "max_grad_norm", "warmup_steps", "samples_every", "score_scale", "checkpoint_every"):
+                 "max_grad_norm", "warmup_steps", "samples_every", "score_scale", "checkpoint_every", "lora_r",
+                 "lora_dropout"):
         non_negative(name)
     in_unit("top_p", low_open=True)
     in_unit("gamma", low_open=False)
@@ -176,6 +228,7 @@ def _errors(c: PPOConfig):
         problems.append(f"score_clip={c.score_clip!r} must be > 0 (or unset)")
     if c.kl_estimator not in ESTIMATORS:
         problems.append(f"kl_estimator={c.kl_estimator!r} is not one of {sorted(ESTIMATORS)}")
+    problems.extend(_algorithm_errors(c))
     if c.batch_size > 0 and c.minibatch_size > 0 and c.batch_size % c.minibatch_size:
         problems.append(f"minibatch_size={c.minibatch_size} does not divide batch_size={c.batch_size}")
     if c.minibatch_size > 0 and c.gradient_accumulation_steps > 0 and c.minibatch_size % c.gradient_accumulation_steps:
@@ -196,6 +249,25 @@ def _errors(c: PPOConfig):
     from tether.rollout.sampling import generation_kwargs_errors  # the rules live beside the sampler
 
     problems.extend(generation_kwargs_errors(c.generation_kwargs))
+    return problems
+
+
+def _algorithm_errors(c: PPOConfig) -> list[str]:
+    problems = []
+    if c.num_generations > 0 and c.batch_size % c.num_generations:
+        problems.append(f"num_generations={c.num_generations} does not divide batch_size={c.batch_size}")
+    if c.algorithm in ("grpo", "rloo") and c.num_generations < 2:
+        problems.append(f"{c.algorithm} compares completions of the same prompt: num_generations must be >= 2, "
+                        f"got {c.num_generations}")
+    if c.kl_in_loss and c.kl_estimator == "full":
+        problems.append("kl_in_loss with kl_estimator=full would need the reference's logits at every update; "
+                        "use k3 (the default there), kl or mse")
+    if c.critic != "shared" and c.algorithm != "ppo":
+        problems.append(f"critic={c.critic!r}: only ppo uses a critic; {c.algorithm} is critic-free")
+    if c.critic == "reward" and not c.reward:
+        problems.append("critic=reward needs `reward` set to a reward-model folder")
+    if c.lora_dropout >= 1:
+        problems.append(f"lora_dropout={c.lora_dropout!r} must be < 1")
     return problems
 
 

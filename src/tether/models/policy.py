@@ -1,4 +1,5 @@
-"""Policy = any causal LM + a scalar value head on its last hidden state; reference = frozen copy."""
+"""Policy = any causal LM (+ a scalar value head on its last hidden state); reference = frozen copy;
+a separate critic = a transformer body + a value head."""
 
 import copy
 from pathlib import Path
@@ -6,7 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from tether.rollout.generate import forward_params, positions
 
@@ -50,16 +52,26 @@ def response_forward(model: PreTrainedModel, query_ids: Tensor, query_mask: Tens
     state (B, T, H) at the same positions. Only the T response positions are projected onto the
     vocabulary (`logits_to_keep`), not the prompt.
     """
-    B, T = response_ids.shape
-    P = query_ids.shape[1]
+    T = response_ids.shape[1]
+    kwargs = {"logits_to_keep": T + 1} if "logits_to_keep" in forward_params(model) else {}
+    out = model(**_teacher_forced(query_ids, query_mask, response_ids), use_cache=False,
+                output_hidden_states=hidden, **kwargs)
+    logits = out.logits[:, -(T + 1):-1].float()  # log-prob math in fp32 also under bf16 autocast
+    last_hidden = out.hidden_states[-1][:, query_ids.shape[1] - 1:-1] if hidden else None
+    return logits, last_hidden
+
+
+def _teacher_forced(query_ids: Tensor, query_mask: Tensor, response_ids: Tensor) -> dict[str, Tensor]:
     ids = torch.cat([query_ids, response_ids], 1)
     mask = torch.cat([query_mask, torch.ones_like(response_ids)], 1)
-    kwargs = {"logits_to_keep": T + 1} if "logits_to_keep" in forward_params(model) else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
-                output_hidden_states=hidden, **kwargs)
-    logits = out.logits[:, -(T + 1):-1]
-    last_hidden = out.hidden_states[-1][:, P - 1:-1] if hidden else None
-    return logits, last_hidden
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)}
+
+
+def _zero_value_head(hidden_size: int, like: nn.Module) -> nn.Linear:
+    head = nn.Linear(hidden_size, 1)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head.to(device=next(like.parameters()).device, dtype=torch.float32)
 
 
 class PolicyWithValueHead(nn.Module):
@@ -72,20 +84,17 @@ class PolicyWithValueHead(nn.Module):
     lambda-discounted returns. The head still learns at once: dV/dw = h is not zero.
     """
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, value_head: bool = True) -> None:
         super().__init__()
         self.model = model
-        hidden_size = model.get_output_embeddings().in_features
-        self.value_head = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
-        param = next(model.parameters())
-        self.value_head.to(device=param.device, dtype=torch.float32)
+        self.value_head = _zero_value_head(model.get_output_embeddings().in_features, model) if value_head else None
 
-    def forward(self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """-> logits (B, T, V), values (B, T) V(s_t) for the state before response token t."""
-        logits, hidden = response_forward(self.model, query_ids, query_mask, response_ids, hidden=True)
-        return logits, self.value_head(hidden.float()).squeeze(-1)
+    def forward(self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        """-> logits (B, T, V), values (B, T) V(s_t) for the state before response token t (None without
+        a value head)."""
+        logits, hidden = response_forward(self.model, query_ids, query_mask, response_ids,
+                                          hidden=self.value_head is not None)
+        return logits, None if hidden is None else self.value_head(hidden.float()).squeeze(-1)
 
     def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
         """A folder `AutoModelForCausalLM.from_pretrained` loads; the value head sits beside it."""
@@ -93,8 +102,79 @@ class PolicyWithValueHead(nn.Module):
         self.model.save_pretrained(directory)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
-                  directory / VALUE_HEAD_FILE)
+        if self.value_head is not None:
+            save_value_head(self.value_head, directory)
+
+
+def save_value_head(head: nn.Linear, directory: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, directory / VALUE_HEAD_FILE)
+
+
+class Critic(nn.Module):
+    """A value model apart from the policy: a transformer body (no LM head) and a linear head at every
+    position. Causal bodies only: V(s_t) must not see the tokens after t."""
+
+    def __init__(self, body: PreTrainedModel, head: nn.Linear) -> None:
+        super().__init__()
+        if head.out_features != 1:
+            raise ValueError(f"a critic's head must have one output, this one has {head.out_features}")
+        self.body, self.head = body, head.float()
+
+    @classmethod
+    def from_policy(cls, lm: PreTrainedModel) -> "Critic":
+        """A copy of the policy's body (weights as they are now) with a zero-initialised head."""
+        body = copy.deepcopy(lm.base_model)
+        return cls(body, _zero_value_head(lm.get_output_embeddings().in_features, lm))
+
+    @classmethod
+    def from_reward_model(cls, folder: str) -> "Critic":
+        """The body and score head of a causal-LM reward model folder (AutoModelForSequenceClassification,
+        one label): its values start out on the reward's scale."""
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(folder)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"critic: could not load {folder!r} as a sequence-classification model: {err}") from err
+        kind = model.config.model_type
+        if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ValueError(f"critic: {folder!r} is a {kind} model, which is not a causal LM; its states at "
+                             f"token t see later tokens, so it cannot value the state before token t")
+        head = getattr(model, "score", None)
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"critic: {folder!r} ({type(model).__name__}) has no linear `score` head to reuse")
+        if head.bias is None:  # a bias lets the value's offset move independently of the body
+            with_bias = nn.Linear(head.in_features, head.out_features)
+            with torch.no_grad():
+                with_bias.weight.copy_(head.weight)
+                with_bias.bias.zero_()
+            head = with_bias
+        return cls(_check_positions(model.base_model), head)
+
+    def forward(self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor) -> Tensor:
+        """-> values (B, T): V(s_t) for the state before response token t."""
+        out = self.body(**_teacher_forced(query_ids, query_mask, response_ids), use_cache=False)
+        hidden = out.last_hidden_state[:, query_ids.shape[1] - 1:-1]
+        return self.head(hidden.float()).squeeze(-1)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.body.save_pretrained(directory)
+        save_value_head(self.head, directory)
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each transformer layer in backward instead of keeping its activations.
+
+    transformers checkpoints a layer only while that layer is in training mode, but tether keeps models in
+    eval mode (dropout would make the PPO ratio noisy). So only the layer modules themselves are flagged as
+    training; their dropout and attention submodules stay in eval mode."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no checkpointable layers")
+    for layer in layers:
+        layer.training = True
 
 
 

@@ -23,3 +23,35 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
         advantages[:, t] = last
     advantages = advantages * mask
     return advantages, (advantages + values) * mask
+
+
+def _groups(scores: Tensor, group_size: int) -> Tensor:
+    """(B,) -> (B / G, G): rows k*G .. k*G + G - 1 are the completions of one prompt."""
+    if scores.dim() != 1 or len(scores) % group_size:
+        raise ValueError(f"scores must be (B,) with B a multiple of the group size {group_size}, "
+                         f"got shape {tuple(scores.shape)}")
+    return scores.reshape(-1, group_size)
+
+
+def group_normalised(scores: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+    """GRPO (Shao et al. 2024, sec. 4.1.2): (r_i - mean(group)) / (std(group) + eps), std with Bessel's
+    correction. A group whose completions all scored the same gets advantage 0. (B,) -> (B,)."""
+    if group_size < 2:
+        raise ValueError(f"group normalisation needs at least 2 completions per prompt, got {group_size}")
+    g = _groups(scores, group_size)
+    return ((g - g.mean(-1, keepdim=True)) / (g.std(-1, keepdim=True) + eps)).reshape(-1)
+
+
+def leave_one_out(scores: Tensor, group_size: int) -> Tensor:
+    """RLOO (Ahmadian et al. 2024, eq. 5): r_i minus the mean of the other G - 1 scores of its prompt;
+    the baseline never sees r_i, so the estimate stays unbiased. (B,) -> (B,)."""
+    if group_size < 2:
+        raise ValueError(f"a leave-one-out baseline needs at least 2 completions per prompt, got {group_size}")
+    g = _groups(scores, group_size)
+    return (g - (g.sum(-1, keepdim=True) - g) / (group_size - 1)).reshape(-1)
+
+
+def group_centred(scores: Tensor, group_size: int) -> Tensor:
+    """r_i minus its prompt's mean score (REINFORCE++ with a baseline). (B,) -> (B,)."""
+    g = _groups(scores, group_size)
+    return (g - g.mean(-1, keepdim=True)).reshape(-1)

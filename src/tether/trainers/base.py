@@ -1,0 +1,539 @@
+"""The steps every tether trainer shares; `step` reads as DESIGN.md's numbered data flow:
+
+    1 generate -> 2 score -> 3 forward -> 4 shape -> 5 advantages -> 6 optimise -> 7 control
+
+An algorithm (ppo.py, grpo.py, rloo.py, reinforce_pp.py) only says how step 5 turns scores and the KL into
+per-token advantages, and whether it trains a critic. Rollouts, masks, the KL, the clipped policy loss,
+guards, checkpoints and logging are the same code for all of them.
+"""
+
+import copy
+import logging
+import math
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import get_scheduler
+
+from tether.config import PPOConfig
+from tether.data import load_prompts
+from tether.losses.ppo import policy_loss, value_loss
+from tether.models.policy import (
+    Critic,
+    PolicyWithValueHead,
+    context_length,
+    enable_gradient_checkpointing,
+    frozen_reference,
+    load_causal_lm,
+    response_forward,
+)
+from tether.models.rewards import resolve_reward, score_batch
+from tether.ops import entropy_from_logits, gather_logprobs, get_estimator, kl_full, masked_mean, masked_whiten
+from tether.ops.kl_control import AdaptiveKLController, FixedKLController
+from tether.ops.masks import response_mask
+from tether.ops.rewards import RunningMoments
+from tether.report import build_report
+from tether.rollout import Sampler, sample
+from tether.trainers.batching import left_pad, minibatches, right_pad
+from tether.trainers.checkpoint import capture_state, list_checkpoints, load_checkpoint, restore_state, save_checkpoint
+from tether.trainers.guards import FaultCounter, warn_if_negative_kl
+from tether.trainers.run import RunLogger
+from tether.trainers.setup import (
+    check_token_rows,
+    eos_ids,
+    eos_rate,
+    load_tokenizer,
+    make_adamw,
+    seed_everything,
+)
+
+log = logging.getLogger("tether")
+
+
+@dataclass
+class Generation:
+    queries: list[Tensor]  # each (P_i,) prompt ids, unpadded
+    responses: list[Tensor]  # each (T_i,) sampled ids up to and including the first EOS
+    texts: list[str]  # decoded responses
+
+
+@dataclass
+class Scored:
+    """A rollout batch after step 3; every (B, T) tensor is 0 outside `mask`."""
+
+    query_ids: Tensor  # (B, P) left-padded
+    query_mask: Tensor  # (B, P)
+    response_ids: Tensor  # (B, T)
+    mask: Tensor  # (B, T) response mask: up to and including the first EOS
+    logprobs: Tensor  # (B, T) log pi_old(a_t | s_t), sampling-processed
+    ref_logprobs: Tensor  # (B, T) log ref(a_t | s_t) at the sampling temperature
+    values: Tensor | None  # (B, T) V_old(s_t); None for critic-free algorithms
+    kl: Tensor  # (B, T) per-token KL estimate (the configured estimator; enters the reward)
+    kl_exact: Tensor  # (B, T) exact KL(pi(.|s_t) || ref(.|s_t)) over the vocabulary, >= 0
+    entropy: Tensor  # (B, T) entropy of the processed sampling distribution
+    flipped: Tensor  # (B, T) bool: sampled at a top-k/top-p boundary, outside the replayed support by round-off
+
+
+class RLTrainer:
+    algorithm: str  # the PPOConfig.algorithm this trainer runs
+    uses_critic: bool = False
+
+    def __init__(self, config: PPOConfig, model=None, tokenizer=None, prompts=None, reward=None,
+                 ref_model=None, logits_processors=()) -> None:
+        """model / prompts / reward override the config's keys; ref_model defaults to a frozen copy of the
+        policy as it is at the start; logits_processors: extra transformers processors, replayed when scoring."""
+        self.config = c = config
+        if c.algorithm != self.algorithm:
+            raise ValueError(f"{type(self).__name__} runs algorithm={self.algorithm!r} but the config says "
+                             f"{c.algorithm!r}; build the config with PPOConfig(algorithm={self.algorithm!r}, ...)")
+        if c.lora_r and ref_model is not None:
+            raise ValueError("with lora_r > 0 the reference is the policy with its adapters disabled; "
+                             "ref_model cannot be given as well")
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
+        self.autocast_dtype = _autocast_dtype(c.precision, self.device)
+        seed_everything(c.seed)
+        self.tokenizer = load_tokenizer(tokenizer, model if model is not None else c.model)
+        self.prompts = load_prompts(prompts if prompts is not None else c.prompts, c.prompt_column) \
+            if (prompts is not None or c.prompts) else None
+        reward = reward if reward is not None else c.reward
+        self.reward = resolve_reward(reward, self.device, c.batch_size) if reward is not None else None
+
+        lm = load_causal_lm(model if model is not None else c.model).to(self.device).eval()
+        self.vocab_size = lm.get_output_embeddings().out_features
+        critic = self._build_critic(lm, reward)  # before LoRA: a policy-initialised critic copies the plain body
+        if c.lora_r:
+            self.peft, self.ref = _add_lora(lm, c), None
+        else:
+            self.peft = None
+            self.ref = frozen_reference(load_causal_lm(ref_model).to(self.device) if ref_model is not None else lm)
+            ref_vocab = self.ref.get_output_embeddings().out_features
+            if ref_vocab != self.vocab_size:
+                raise ValueError(f"the reference model's vocabulary ({ref_vocab}) differs from the policy's "
+                                 f"({self.vocab_size}); the KL needs both over the same tokens")
+        self.policy = PolicyWithValueHead(lm, value_head=self.uses_critic and critic is None)
+        self.critic = critic
+        # Everything trained, as one module: checkpoints hold exactly this.
+        self.trainable = nn.ModuleDict({"policy": self.policy, **({"critic": critic} if critic is not None else {})})
+        if c.gradient_checkpointing:
+            enable_gradient_checkpointing(lm)
+            if critic is not None:
+                enable_gradient_checkpointing(critic.body)
+        self.eos_token_ids = eos_ids(self.tokenizer, lm)
+        self.sampler = Sampler(self.eos_token_ids, c.temperature, c.top_k, c.top_p, c.min_new_tokens,
+                               c.repetition_penalty, c.no_repeat_ngram_size, logits_processors)
+        self.encoded_prompts = [self._encode(p, f"prompt row {i}") for i, p in enumerate(self.prompts or [])]
+
+        self.estimator = get_estimator(c.kl_estimator)
+        self.kl_ctl = (AdaptiveKLController(c.init_kl_coef, c.kl_target, c.kl_horizon) if c.adaptive_kl
+                       else FixedKLController(c.init_kl_coef))
+        self.score_moments = RunningMoments()
+        # Clipped apart: a separate critic's large early gradients must not shrink the policy's step.
+        self.clip_groups = [[p for p in m.parameters() if p.requires_grad]
+                            for m in ([self.policy, critic] if critic is not None else [self.policy])]
+        self.optimizer = make_adamw([p for group in self.clip_groups for p in group], lr=c.learning_rate,
+                                    weight_decay=c.weight_decay, eps=c.adam_eps)
+        updates = c.steps * c.ppo_epochs * (c.batch_size // c.minibatch_size)
+        self.scheduler = get_scheduler(c.lr_scheduler_type, self.optimizer, num_warmup_steps=c.warmup_steps,
+                                       num_training_steps=updates)
+        self.sample_generator = torch.Generator(self.device).manual_seed(c.seed)
+        self.shuffle_generator = torch.Generator().manual_seed(c.seed + 1)  # minibatch partitions
+        self.data_generator = torch.Generator().manual_seed(c.seed + 2)  # prompt order
+        self._order: list[int] = []  # prompt indices still to visit in this pass
+        self.step_count = 0
+        self.support_flips = 0  # sampled tokens that replay put outside the sampler's support (round-off)
+        self.faults = FaultCounter(c.max_faults_in_row)
+
+    def _build_critic(self, lm, reward) -> Critic | None:
+        c = self.config
+        if not self.uses_critic or c.critic == "shared":
+            return None
+        if c.critic == "policy":
+            return Critic.from_policy(lm).to(self.device).eval()
+        folder = c.critic if c.critic != "reward" else (reward if reward is not None else c.reward)
+        if not isinstance(folder, (str, Path)):
+            raise ValueError("critic=reward needs the reward to be a reward-model folder, not a callable")
+        from transformers import AutoTokenizer
+
+        if AutoTokenizer.from_pretrained(folder).get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"critic: {folder!r} has a different tokenizer than the policy; a critic reads the "
+                             f"policy's token ids, so it must share the policy's vocabulary")
+        return Critic.from_reward_model(str(folder)).to(self.device).eval()
+
+    def autocast(self):
+        """bf16 autocast for forward passes when `precision` says so; a no-op in fp32."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ---- step API -----------------------------------------------------------------------------
+    def generate(self, queries: list[str] | list[Tensor]) -> Generation:
+        """1. Sample one completion per query with the configured sampler."""
+        if len(queries) == 0:
+            raise ValueError("generate needs at least one query")
+        query_tensors = [q if isinstance(q, Tensor) else self._encode(q, f"query {i}") for i, q in enumerate(queries)]
+        check_token_rows(query_tensors, "query", self.vocab_size)
+        ids, mask = left_pad(query_tensors, self.tokenizer.pad_token_id)
+        with self.autocast():
+            rollout = sample(self.policy.model, self.sampler, ids.to(self.device), mask.to(self.device),
+                             self.config.max_new_tokens, self.tokenizer.pad_token_id, self.sample_generator)
+        lengths = rollout.response_mask.sum(-1).long().tolist()
+        responses = [rollout.response_ids[i, :n].cpu() for i, n in enumerate(lengths)]
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        return Generation([q.cpu() for q in query_tensors], responses, texts)
+
+    def step(self, queries: list[Tensor], responses: list[Tensor], scores) -> dict[str, float]:
+        """2-7. One update on rollouts sampled by `generate` (token ids, not re-tokenised text). With
+        num_generations = G > 1, rows k*G .. k*G + G - 1 must be completions of the same prompt."""
+        t0 = time.perf_counter()
+        c = self.config
+        if not (len(queries) == len(responses) == c.batch_size):
+            raise ValueError(f"step got {len(queries)} queries and {len(responses)} responses; "
+                             f"both must equal batch_size={c.batch_size}")
+        check_token_rows(queries, "query", self.vocab_size)
+        check_token_rows(responses, "response", self.vocab_size)
+        self._check_groups(queries)
+        raw_scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
+        if len(raw_scores) != c.batch_size:
+            raise ValueError(f"step got {len(raw_scores)} scores; it needs batch_size={c.batch_size}")
+        if not torch.isfinite(raw_scores).all():
+            return self._skip_step(raw_scores)
+        batch = self._forward_rollouts(queries, responses)  # 3
+        t_score = time.perf_counter()
+        beta = self.kl_ctl.value
+        advantages, returns, non_score = self.advantages(  # 4-5
+            batch, self._process_scores(raw_scores).to(self.device), 0.0 if c.kl_in_loss else beta)
+        if c.whiten_advantages:
+            advantages = masked_whiten(advantages, batch.mask)
+        t_optimise = time.perf_counter()
+        train_stats = self._optimise(batch, advantages, returns, beta)  # 6
+        t_optimise = time.perf_counter() - t_optimise
+        # Chain rule: sum_t KL(pi(.|s_t) || ref(.|s_t)) along sampled trajectories is an unbiased,
+        # never-negative estimate of the sequence-level KL (the sampled estimators' Rao-Blackwellisation).
+        kl_per_seq = batch.kl_exact.sum(-1)
+        estimate_per_seq = batch.kl.sum(-1)
+        self._last_kl_per_seq = kl_per_seq.tolist()
+        self.kl_ctl.update(kl_per_seq.mean().item(), c.batch_size)  # 7
+        self.step_count += 1
+        stats = {
+            "env/reward_mean": raw_scores.mean().item(),
+            "env/reward_std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
+            "objective/kl": kl_per_seq.mean().item(),
+            "objective/kl_estimate": estimate_per_seq.mean().item(),
+            "objective/kl_coef": beta,
+            "objective/entropy": masked_mean(batch.entropy, batch.mask).item(),
+            "objective/scores": raw_scores.mean().item(),
+            "objective/non_score_reward": non_score.sum(-1).mean().item(),
+            "ppo/advantages/mean": masked_mean(advantages, batch.mask).item(),
+            **({"ppo/returns/mean": masked_mean(returns, batch.mask).item()} if returns is not None else {}),
+            "ppo/learning_rate": self.scheduler.get_last_lr()[0],
+            "tokens/response_len_mean": batch.mask.sum(-1).mean().item(),
+            "tokens/eos_rate": eos_rate(batch.response_ids, batch.mask, self.eos_token_ids),
+            "rollout/support_flips": float(self.support_flips),
+            **train_stats,
+            "time/score": t_score - t0,
+            "time/optimise": t_optimise,
+            "time/step": time.perf_counter() - t0,
+        }
+        warn_if_negative_kl(estimate_per_seq, self.step_count)
+        self.faults.record(train_stats["faults/skipped_minibatches"] > 0, "a minibatch loss or gradient was nan/inf",
+                           self.step_count)
+        stats["faults/skipped_steps"] = float(self.faults.skipped_steps)
+        return stats
+
+    def advantages(self, batch: Scored, scores: Tensor, kl_coef: float) -> tuple[Tensor, Tensor | None, Tensor]:
+        """4-5. Processed scores (B,) and the KL (with its coefficient in the reward: 0 when the KL is in the
+        loss) -> advantages (B, T), value targets (B, T) or None without a critic, and the per-token non-score
+        reward (B, T). Whitening (whiten_advantages) follows in `step`."""
+        raise NotImplementedError
+
+    def _check_groups(self, queries: list[Tensor]) -> None:
+        G = self.config.num_generations
+        for start in range(0, len(queries), G):
+            first = queries[start]
+            for i in range(start + 1, start + G):
+                if not torch.equal(queries[i], first):
+                    raise ValueError(f"num_generations={G}: rows {start}..{start + G - 1} must be completions of "
+                                     f"one prompt, but query {i} differs from query {start}")
+
+    def _skip_step(self, raw_scores: Tensor) -> dict[str, float]:
+        """A nan/inf score: no update at all this step (the weights are untouched)."""
+        bad = (~torch.isfinite(raw_scores)).nonzero().flatten().tolist()
+        why = f"the reward was {raw_scores[bad[0]].item()} for completion(s) {bad}"
+        warnings.warn(f"step {self.step_count + 1} skipped: {why}", stacklevel=3)
+        self.step_count += 1
+        self._last_kl_per_seq = [math.nan] * len(raw_scores)
+        self.faults.record(True, why, self.step_count)
+        finite = raw_scores[torch.isfinite(raw_scores)]
+        return {"env/reward_mean": finite.mean().item() if len(finite) else math.nan, "objective/kl": math.nan,
+                "objective/kl_coef": self.kl_ctl.value, "faults/skipped_steps": float(self.faults.skipped_steps)}
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def train(self) -> list[dict[str, float]]:
+        """Run PPO steps up to `steps` over the prompts (continuing a checkpoint when `resume` says so);
+        metrics to OUTPUT_DIR/metrics.jsonl and the console; checkpoints, final policy and report at the end."""
+        c = self.config
+        if self.prompts is None or self.reward is None:
+            raise ValueError("train() needs prompts and a reward (config keys `prompts` and `reward`, "
+                             "or the PPOTrainer arguments)")
+        self._maybe_resume()
+        history = []
+        with RunLogger(c, total=c.steps, start=self.step_count) as run:
+            while self.step_count < c.steps:
+                t0 = time.perf_counter()
+                indices = [i for i in self._next_prompt_indices() for _ in range(c.num_generations)]
+                prompts = [self.prompts[i] for i in indices]
+                gen = self.generate([self.encoded_prompts[i] for i in indices])  # 1
+                t_gen = time.perf_counter() - t0
+                scores = score_batch(self.reward, prompts, gen.texts)  # 2
+                stats = self.step(gen.queries, gen.responses, scores)  # 3-7
+                n_tokens = sum(len(r) for r in gen.responses)
+                stats.update({"time/generate": t_gen, "time/step": time.perf_counter() - t0,
+                              "throughput/tokens_per_s": n_tokens / (time.perf_counter() - t0)})
+                run.log(self.step_count, stats, prompts, gen.texts, scores, self._last_kl_per_seq)
+                history.append(stats)
+                if self.step_count == c.steps or (c.checkpoint_every and self.step_count % c.checkpoint_every == 0):
+                    self.save_checkpoint()
+            self.save(Path(c.output_dir) / "policy")
+        build_report(c.output_dir)
+        return history
+
+    def save_checkpoint(self) -> Path:
+        return save_checkpoint(Path(self.config.output_dir) / "checkpoints", self.step_count, self.trainable,
+                               capture_state(self), keep=self.config.keep_checkpoints)
+
+    def _maybe_resume(self) -> None:
+        c = self.config
+        checkpoints = list_checkpoints(Path(c.output_dir) / "checkpoints")
+        if c.resume is False:
+            if checkpoints:
+                raise ValueError(f"output_dir {c.output_dir!r} holds checkpoints of an earlier run (latest: "
+                                 f"{checkpoints[-1].name}); pass --resume to continue it, or choose a new output_dir")
+            return
+        if not checkpoints:
+            if c.resume is True:
+                raise ValueError(f"resume=true but {c.output_dir!r} holds no checkpoint to resume from")
+            return
+        restore_state(self, load_checkpoint(checkpoints[-1], self.trainable))
+        log.info("resumed from %s at step %d", checkpoints[-1], self.step_count)
+
+    def save(self, directory: str | Path) -> None:
+        """The policy as a folder AutoModelForCausalLM loads (LoRA merged in; the adapter alone in
+        DIRECTORY/adapter), and a separate critic in DIRECTORY/critic."""
+        directory = Path(directory)
+        if self.peft is None:
+            self.policy.save_pretrained(directory, self.tokenizer)
+        else:
+            self.peft.save_pretrained(directory / "adapter")
+            merged = PolicyWithValueHead(copy.deepcopy(self.peft).merge_and_unload(), value_head=False)
+            merged.value_head = self.policy.value_head
+            merged.save_pretrained(directory, self.tokenizer)
+        if self.critic is not None:
+            self.critic.save_pretrained(directory / "critic")
+
+    def _reference_forward(self, q_ids: Tensor, q_mask: Tensor, r_ids: Tensor) -> Tensor:
+        """Reference logits (B, T, V): the frozen copy, or with LoRA the policy with its adapters off."""
+        if self.peft is None:
+            return response_forward(self.ref, q_ids, q_mask, r_ids)[0]
+        with self.peft.disable_adapter():
+            return response_forward(self.policy.model, q_ids, q_mask, r_ids)[0]
+
+    def _logits_and_values(self, q_ids: Tensor, q_mask: Tensor, r_ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        with self.autocast():
+            logits, values = self.policy(q_ids, q_mask, r_ids)
+            if self.critic is not None:
+                values = self.critic(q_ids, q_mask, r_ids)
+        return logits, values
+
+    # ---- internals ------------------------------------------------------------------------
+    @torch.no_grad()
+    def _forward_rollouts(self, queries: list[Tensor], responses: list[Tensor]) -> Scored:
+        """3. Policy log-probs and values, reference log-probs, KL; in micro-batch chunks (bounded memory)."""
+        pad = self.tokenizer.pad_token_id
+        q_ids, q_mask = (t.to(self.device) for t in left_pad(queries, pad))
+        r_ids, r_len_mask = (t.to(self.device) for t in right_pad(responses, pad))
+        mask = response_mask(r_ids, self.eos_token_ids) * r_len_mask
+        parts = []
+        micro = self.config.minibatch_size // self.config.gradient_accumulation_steps
+        for idx in torch.arange(len(queries), device=self.device).split(micro):
+            logits, values = self._logits_and_values(q_ids[idx], q_mask[idx], r_ids[idx])
+            if values is None:
+                values = torch.zeros(r_ids[idx].shape, device=self.device)
+            scores = self._replay(logits, q_ids[idx], q_mask[idx], r_ids[idx])
+            with self.autocast():
+                ref_logits = self._reference_forward(q_ids[idx], q_mask[idx], r_ids[idx])
+            ref_scores = self.sampler.reference_scores(ref_logits)
+            flipped = ~torch.isfinite(gather_logprobs(scores, r_ids[idx])) & mask[idx].bool()
+            self.support_flips += int(flipped.sum())
+            logprobs = self._sampled_logprobs(logits, scores, r_ids[idx], flipped)
+            ref_logprobs = gather_logprobs(ref_scores, r_ids[idx])
+            kl_exact = kl_full(scores, ref_scores)
+            kl = kl_exact if self.estimator.needs_logits else self.estimator.fn(logprobs, ref_logprobs)
+            parts.append((logprobs, ref_logprobs, values, kl, kl_exact, entropy_from_logits(scores), flipped))
+        # where, not multiply: after-EOS padding can score -inf under top-k replay, and -inf * 0 is nan
+        *tensors, flipped = (torch.cat(p) for p in zip(*parts))
+        logprobs, ref_logprobs, values, kl, kl_exact, entropy = (torch.where(mask.bool(), t, 0.0) for t in tensors)
+        values = values if self.uses_critic else None
+        return Scored(q_ids, q_mask, r_ids, mask, logprobs, ref_logprobs, values, kl, kl_exact, entropy, flipped)
+
+    def _sampled_logprobs(self, logits: Tensor, scores: Tensor, r_ids: Tensor, flipped: Tensor) -> Tensor:
+        """log pi(a_t | s_t) under the processed scores. A token sampled right at a top-k / top-p boundary can
+        land outside the replayed support by float round-off (cached vs teacher-forced forward): it is scored
+        untruncated instead of -inf, at rollout time and in every update alike, so its ratio starts at 1."""
+        logprobs = gather_logprobs(scores, r_ids)
+        if flipped.any():
+            logprobs = torch.where(flipped, gather_logprobs(self.sampler.reference_scores(logits), r_ids), logprobs)
+        return logprobs
+
+    def _replay(self, logits: Tensor, q_ids: Tensor, q_mask: Tensor, r_ids: Tensor) -> Tensor:
+        """Teacher-forced logits (B, T, V) -> the scores the sampler drew from (B, T, V)."""
+        ids = torch.cat([q_ids, r_ids], 1)
+        return self.sampler.sequence_scores(logits, ids, torch.cat([q_mask, torch.ones_like(r_ids)], 1))
+
+    def _optimise(self, b: Scored, advantages: Tensor, returns: Tensor | None, beta: float) -> dict[str, float]:
+        """6. ppo_epochs passes of shuffled minibatches. An update whose loss or gradient is not finite, or
+        whose mean ratio exceeds ratio_threshold, is skipped without touching the weights."""
+        c = self.config
+        totals: dict[str, float] = {}
+        outcomes = {"ok": 0, "fault": 0, "ratio": 0}
+        for _ in range(c.ppo_epochs):
+            for mb in minibatches(c.batch_size, c.minibatch_size, self.shuffle_generator):
+                outcomes[self._update(b, mb.to(self.device), advantages, returns, beta, totals)] += 1
+        stats = {k: v / max(outcomes["ok"], 1) for k, v in totals.items()}
+        stats["ppo/loss/policy"] = stats.pop("ppo/policy/loss", math.nan)
+        stats["ppo/loss/total"] = stats["ppo/loss/policy"]
+        if returns is not None:
+            stats["ppo/loss/value"] = stats.pop("ppo/val/loss", math.nan)
+            stats["ppo/loss/total"] += c.vf_coef * stats["ppo/loss/value"]
+        if c.kl_in_loss:
+            stats["ppo/loss/kl"] = stats.pop("ppo/kl_loss/loss", math.nan)
+            stats["ppo/loss/total"] += beta * stats["ppo/loss/kl"]
+        stats["faults/skipped_minibatches"] = float(outcomes["fault"])
+        stats["ppo/skipped_ratio_minibatches"] = float(outcomes["ratio"])
+        return stats
+
+    def _update(self, b: Scored, mb: Tensor, advantages: Tensor, returns: Tensor | None, beta: float,
+                totals: dict) -> str:
+        """One optimiser step on minibatch `mb`; micro-batches accumulate to the minibatch's token-mean loss
+        exactly (each micro-batch's loss is weighted by its share of the tokens). Returns ok / fault / ratio."""
+        c = self.config
+        tokens = b.mask[mb].sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        stats: dict[str, float] = {}
+        for j in mb.split(c.minibatch_size // c.gradient_accumulation_steps):
+            logits, vpred = self._logits_and_values(b.query_ids[j], b.query_mask[j], b.response_ids[j])
+            scores = self._replay(logits, b.query_ids[j], b.query_mask[j], b.response_ids[j])
+            new_logprobs = self._sampled_logprobs(logits, scores, b.response_ids[j], b.flipped[j])
+            share = (b.mask[j].sum() / tokens).item()
+            loss, parts = policy_loss(new_logprobs, b.logprobs[j], advantages[j], b.mask[j], c.cliprange, share)
+            parts = {"ppo/policy/": parts}
+            if returns is not None:
+                vf, parts["ppo/val/"] = value_loss(vpred, b.values[j], returns[j], b.mask[j], c.cliprange_value,
+                                                   share)
+                loss = loss + c.vf_coef * vf
+            if c.kl_in_loss:
+                kl = masked_mean(self.estimator.fn(new_logprobs, b.ref_logprobs[j]), b.mask[j])
+                loss = loss + beta * share * kl
+                parts["ppo/kl_loss/"] = {"loss": kl.detach()}
+            if not torch.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                return "fault"
+            loss.backward()
+            for prefix, st in parts.items():
+                for k, v in st.items():
+                    stats[prefix + k] = stats.get(prefix + k, 0.0) + share * v.item()
+        max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
+        grad_norm, *critic_norm = (torch.nn.utils.clip_grad_norm_(group, max_norm) for group in self.clip_groups)
+        if not all(torch.isfinite(n) for n in (grad_norm, *critic_norm)):  # clipping leaves nan/inf as they are
+            self.optimizer.zero_grad(set_to_none=True)
+            return "fault"
+        if stats["ppo/policy/ratio_mean"] > c.ratio_threshold:
+            self.optimizer.zero_grad(set_to_none=True)
+            return "ratio"
+        self.optimizer.step()
+        self.scheduler.step()
+        stats["ppo/grad_norm"] = grad_norm.item()
+        if critic_norm:
+            stats["ppo/critic_grad_norm"] = critic_norm[0].item()
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + v
+        return "ok"
+
+    def _process_scores(self, scores: Tensor) -> Tensor:
+        c = self.config
+        scores = scores * c.score_scale
+        if c.score_norm:
+            self.score_moments.update(scores)
+            scores = (scores - self.score_moments.mean) / max(self.score_moments.std, 1e-8)
+        if c.score_clip is not None:
+            scores = scores.clamp(-c.score_clip, c.score_clip)
+        return scores
+
+    def _next_prompt_indices(self) -> list[int]:
+        """Walk a seeded shuffle of the prompts; reshuffle on each pass over the data."""
+        while len(self._order) < self.config.batch_size:
+            self._order += torch.randperm(len(self.prompts), generator=self.data_generator).tolist()
+        indices, self._order = self._order[:self.config.batch_size], self._order[self.config.batch_size:]
+        return indices
+
+    def _encode(self, text: str, where: str) -> Tensor:
+        ids = torch.tensor(self.tokenizer(text)["input_ids"], dtype=torch.long)
+        context = context_length(self.policy.model.config)
+        if len(ids) == 0:
+            raise ValueError(f"{where} {text!r} tokenises to no tokens")
+        if context is not None and len(ids) + self.config.max_new_tokens > context:
+            raise ValueError(f"{where} is {len(ids)} tokens; with max_new_tokens={self.config.max_new_tokens} that "
+                             f"exceeds the model's context of {context} tokens. Shorten the prompt or lower "
+                             f"max_new_tokens. Prompt starts: {text[:80]!r}")
+        return ids
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    supported = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and supported else None
+    if not supported:
+        raise ValueError(f"precision=bf16 but {device} does not support bfloat16; use precision=fp32 or auto")
+    return torch.bfloat16
+
+
+def _add_lora(lm, c: PPOConfig):
+    """Wrap `lm` in place with LoRA adapters (PEFT) and freeze its own weights; returns the PeftModel."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise ImportError("lora_r > 0 needs PEFT: pip install 'tether[peft]'") from err
+    lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, bias="none",
+                      target_modules=c.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
+    try:
+        peft_model = get_peft_model(lm, lora)
+    except ValueError as err:
+        raise ValueError(f"lora_target_modules={c.lora_target_modules!r}: {err}") from err
+    return peft_model.eval()
+
+
+def sequence_advantages(batch: Scored, scores: Tensor, kl_coef: float, baseline) -> tuple[Tensor, None, Tensor]:
+    """For the group estimators (grpo, rloo): sequence reward = score - kl_coef * sum_t KL_t, `baseline` maps
+    the (B,) rewards to (B,) advantages, and each completion's advantage goes on every one of its tokens."""
+    non_score = -kl_coef * batch.kl * batch.mask
+    advantages = baseline(scores + non_score.sum(-1))
+    return advantages[:, None] * batch.mask, None, non_score
+
+
+TRAINERS: dict[str, str] = {"ppo": "tether.trainers.ppo:PPOTrainer", "grpo": "tether.trainers.grpo:GRPOTrainer",
+                            "rloo": "tether.trainers.rloo:RLOOTrainer",
+                            "reinforce++": "tether.trainers.reinforce_pp:ReinforcePPTrainer"}
+
+
+def trainer_class(algorithm: str) -> type[RLTrainer]:
+    """The trainer class for a PPOConfig.algorithm."""
+    import importlib
+
+    module, name = TRAINERS[algorithm].split(":")
+    return getattr(importlib.import_module(module), name)
