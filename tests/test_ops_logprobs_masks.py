@@ -6,6 +6,8 @@ the function under test.
 
 import functools
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -250,3 +252,88 @@ def test_masked_whiten_property(data):
         assert w_mean == pytest.approx(want_mean, abs=1e-6)
         assert w_var == pytest.approx(1.0, abs=1e-5)
         assert all(v == 0.0 for wrow, mrow in zip(w.tolist(), ms) for v, m in zip(wrow, mrow) if not m)
+
+
+# -------------------------------------------------------- all_reduce: global statistics over split data
+# Threads stand in for processes (tests/test_distributed.py runs real ones): each thread holds some rows, and
+# the all_reduce sums what every thread passes to the same call.
+
+
+class ThreadSum:
+    def __init__(self, n: int) -> None:
+        self.barrier = threading.Barrier(n, timeout=10)  # a thread that raises breaks it instead of hanging
+        self.slots: list = [None] * n
+
+    def for_rank(self, rank: int):
+        def all_reduce(t):
+            self.slots[rank] = t.clone()
+            self.barrier.wait()
+            total = sum(self.slots[1:], self.slots[0].clone())  # same order on every thread
+            self.barrier.wait()  # nobody overwrites a slot before all have read it
+            return total
+        return all_reduce
+
+
+def _on_threads(fn, parts):
+    """fn(x, mask, all_reduce) on each (x, mask) part, all at once, one thread per part."""
+    reducer = ThreadSum(len(parts))
+    with ThreadPoolExecutor(len(parts)) as pool:
+        futures = [pool.submit(fn, x, m, reducer.for_rank(r)) for r, (x, m) in enumerate(parts)]
+        return [f.result() for f in futures]
+
+
+def test_all_reduce_hand_values_two_ranks():
+    # rank 0 holds X's row 0 (values 1, 2), rank 1 row 1 (value 4): together 1, 2, 4 as in the tests above
+    parts = [(X[:1], M[:1]), (X[1:], M[1:])]
+    for got in _on_threads(lambda x, m, ar: masked_mean(x, m, all_reduce=ar), parts):
+        close(got, 7 / 3)
+    for got in _on_threads(lambda x, m, ar: masked_var(x, m, all_reduce=ar), parts):
+        close(got, 7 / 3)  # Bessel with the global count 3: 42/9 / 2; rank 1 alone has 1 value and would raise
+    for got in _on_threads(lambda x, m, ar: masked_var(x, m, unbiased=False, all_reduce=ar), parts):
+        close(got, 14 / 9)
+    w0, w1 = _on_threads(lambda x, m, ar: masked_whiten(x, m, all_reduce=ar), parts)
+    close(torch.cat([w0, w1]), [[-0.8728715609, -0.2182178902, 0.0], [1.0910894512, 0.0, 0.0]])
+
+
+def test_all_reduce_identity_is_the_plain_statistic():
+    ident = lambda t: t  # noqa: E731
+    close(masked_mean(X, M, all_reduce=ident), masked_mean(X, M))
+    close(masked_var(X, M, all_reduce=ident), masked_var(X, M))
+    close(masked_whiten(X, M, shift_mean=False, all_reduce=ident), masked_whiten(X, M, shift_mean=False))
+    with pytest.raises(ValueError, match="dim=None"):
+        masked_mean(X, M, dim=0, all_reduce=ident)
+
+
+def test_all_reduce_keeps_bf16_counts_exact():
+    # bf16 holds integers exactly only up to 256 (301 rounds to 300): the sum and count travel as float32
+    x = torch.ones(301, dtype=torch.bfloat16)
+    seen = []
+    masked_mean(x, torch.ones_like(x), all_reduce=lambda t: seen.append(t.dtype) or t)
+    assert seen == [torch.float32]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.integers(2, 5).flatmap(
+        lambda t: st.tuples(
+            st.lists(st.lists(st.floats(-50.0, 50.0), min_size=t, max_size=t), min_size=3, max_size=6),
+            st.lists(st.lists(st.integers(0, 1), min_size=t, max_size=t), min_size=6, max_size=6),
+        )
+    ),
+    n_ranks=st.integers(2, 3),
+)
+def test_all_reduce_split_equals_whole_property(data, n_ranks):
+    xs, ms = data
+    x = torch.tensor(xs, dtype=torch.float64)
+    mask = torch.tensor(ms[: len(xs)], dtype=torch.float64)
+    if mask.sum() < 2:
+        return
+    bounds = [round(i * len(xs) / n_ranks) for i in range(n_ranks + 1)]
+    parts = [(x[a:b], mask[a:b]) for a, b in zip(bounds, bounds[1:])]
+    for fn in (lambda x, m, ar: masked_mean(x, m, all_reduce=ar),
+               lambda x, m, ar: masked_var(x, m, all_reduce=ar)):
+        for got in _on_threads(fn, parts):
+            close(got, fn(x, mask, None), atol=1e-9)
+    for shift in (True, False):
+        got = _on_threads(lambda x, m, ar: masked_whiten(x, m, shift_mean=shift, all_reduce=ar), parts)
+        close(torch.cat(got), masked_whiten(x, mask, shift_mean=shift), atol=1e-9)
