@@ -1,0 +1,163 @@
+"""tether.distributed and the all_reduce path of ops.masks, on 2 real processes (gloo, CPU).
+
+One `accelerate launch` with examples/accelerate/cpu_2proc.yaml runs tests/dist/collectives.py as 2 processes
+(about 7 s on 2 cores); each writes what it computed, and the tests below compare that with one process
+holding the whole batch.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tether.distributed import check_sizes, gather_lists, rank_minibatches, reduce_metrics, shard, sum_all_reduce
+from tether.ops.masks import masked_mean, masked_var, masked_whiten
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "dist"))
+from collectives import B, full_data  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("dist")
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [str(accelerate), "launch", "--config_file", str(ROOT / "examples/accelerate/cpu_2proc.yaml"),
+           "--main_process_port", str(_free_port()), str(ROOT / "tests/dist/collectives.py"), str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def close(a, b):
+    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_launch_gives_two_gloo_processes(ranks):
+    for res in ranks:
+        assert res["num_processes"] == 2
+        assert res["distributed_type"].endswith("MULTI_CPU")
+
+
+def test_global_masked_stats_equal_one_process_on_all_data(ranks):
+    x, mask = full_data()
+    want = {"mean": masked_mean(x, mask), "var": masked_var(x, mask), "var_biased": masked_var(x, mask, unbiased=False)}
+    for res in ranks:
+        for k, v in want.items():
+            close(res["global"][k], v)
+    for name, kw in (("whiten", {}), ("whiten_keep_mean", {"shift_mean": False})):
+        whole = masked_whiten(x, mask, **kw)
+        # each rank's rows, at its own padded width; the columns cut off are outside the mask anyway
+        got = torch.zeros_like(whole)
+        for r, res in enumerate(ranks):
+            w = res["global"][name]
+            got[r * B // 2:(r + 1) * B // 2, :w.shape[1]] = w
+        close(got, whole)
+
+
+def test_without_all_reduce_each_rank_whitens_differently(ranks):
+    # the check above can fail: per-rank statistics are not the global ones on this data
+    x, mask = full_data()
+    whole_mean, whole_var = masked_mean(x, mask), masked_var(x, mask)
+    for res in ranks:
+        assert abs(res["local"]["mean"] - whole_mean) > 0.1
+        assert abs(res["local"]["var"] - whole_var) > 0.1
+        assert not torch.allclose(res["local"]["whiten"], res["global"]["whiten"], atol=1e-3)
+
+
+def test_global_whiten_float32(ranks):
+    x, mask = full_data()
+    whole = masked_whiten(x, mask)
+    for r, res in enumerate(ranks):
+        w = res["global32"]
+        assert w.dtype == torch.float32
+        torch.testing.assert_close(w.double(), whole[r * B // 2:(r + 1) * B // 2, :w.shape[1]], atol=1e-5, rtol=0)
+
+
+def test_bessel_correction_uses_the_global_count(ranks):
+    # one masked value on each rank: 2 in all, so the unbiased variance exists (and is the same on both ranks);
+    # one value in all is an error on every rank, not only on the rank that holds it
+    x, _ = full_data()
+    pair = torch.stack([x[0, 0], x[B // 2, 0]])
+    for res in ranks:
+        close(res["var_one_each"], pair.var(unbiased=True))
+        assert "at least 2" in res["var_one_total_error"]
+        assert "dim=None" in res["dim_error"]
+
+
+def test_reduce_metrics(ranks):
+    # rank 0: reward 1 over weight 1; rank 1: reward 4 over weight 2 -> (1 + 8) / 3 = 3
+    for res in ranks:
+        assert res["metrics"] == {"env/reward_mean": 3.0, "faults/skipped": 3.0, "time/step": 10.0}
+        assert "different metric names" in res["metrics_key_error"]
+        assert "positive" in res["metrics_weight_error"]
+
+
+def test_gather_lists_keeps_rank_order_and_ragged_lengths(ranks):
+    for res in ranks:
+        assert res["gathered"] == ["rank0-item0", "rank1-item0", "rank1-item1"]
+        assert res["gathered_kl"] == [0.0, 1.0, 2.0, 0.5, 1.5, 2.5]
+
+
+def test_shard_rows_and_errors(ranks):
+    assert [res["shard"] for res in ranks] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [res["slice"] for res in ranks] == [slice(0, 4), slice(4, 8)]
+    assert torch.equal(torch.cat([res["shard_tensor"] for res in ranks]), torch.arange(8)[:, None].expand(8, 2))
+    for res in ranks:
+        assert "batch_size=7" in res["odd_batch_error"] and "multiple of 2" in res["odd_batch_error"]
+        assert "minibatch_size=3" in res["odd_minibatch_error"]
+        assert "gradient_accumulation_steps=4" in res["accumulation_error"]
+
+
+def test_rank_minibatches_partition_the_global_batch(ranks):
+    # same generator state after the draw on both ranks; k-th pieces together are a global minibatch of 4 rows,
+    # and all pieces together cover each rank's 6 local rows once
+    assert torch.equal(ranks[0]["generator_after"], ranks[1]["generator_after"])
+    for res in ranks:
+        assert [len(p) for p in res["minibatches"]] == [2, 2, 2]
+        assert sorted(torch.cat(res["minibatches"]).tolist()) == list(range(6))
+    assert not all(torch.equal(a, b) for a, b in zip(ranks[0]["minibatches"], ranks[1]["minibatches"]))
+
+
+# ---- one process: everything is a no-op that changes nothing -------------------------------------------------
+
+
+def test_single_process_is_identity():
+    # an explicit state: creating the process-wide PartialState here would pin it for later tests in this session
+    one = SimpleNamespace(num_processes=1, process_index=0)
+    x, mask = full_data()
+    ar = sum_all_reduce(one)
+    close(masked_whiten(x, mask, all_reduce=ar), masked_whiten(x, mask))
+    assert reduce_metrics({"a": 1.5, "b": 2}, weight=3.0, state=one) == {"a": 1.5, "b": 2.0}
+    assert gather_lists(("p", "q"), state=one) == ["p", "q"]
+    assert shard(list(range(6)), minibatch_size=3, state=one) == list(range(6))
+
+
+def test_rank_minibatches_one_process_is_the_old_partition():
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    got = rank_minibatches(8, 2, a, rank=0, num_processes=1)
+    want = list(torch.randperm(8, generator=b).split(2))  # trainers/batching.minibatches
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_check_sizes():
+    assert check_sizes(32, 8, 4, gradient_accumulation_steps=2) == (8, 2)
+    with pytest.raises(ValueError, match="batch_size=30 is global"):
+        check_sizes(30, 10, 4)
+    with pytest.raises(ValueError, match="minibatch_size=6 is global"):
+        check_sizes(32, 6, 4)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=4"):
+        check_sizes(32, 8, 4, gradient_accumulation_steps=4)
