@@ -161,3 +161,6 @@ def test_check_sizes():
         check_sizes(32, 6, 4)
     with pytest.raises(ValueError, match="gradient_accumulation_steps=4"):
         check_sizes(32, 8, 4, gradient_accumulation_steps=4)
+    assert check_sizes(32, 8, 4, group_size=4) == (8, 2)
+    with pytest.raises(ValueError, match="split a group of num_generations=4"):
+        check_sizes(24, 8, 4, group_size=4)  # 6 rollouts per process: the second group of 4 would straddle

@@ -85,13 +85,20 @@ def gather_lists(items: Sequence[T], state: Any = None) -> list[T]:
 
 
 def check_sizes(batch_size: int, minibatch_size: int, num_processes: int,
-                gradient_accumulation_steps: int = 1) -> tuple[int, int]:
+                gradient_accumulation_steps: int = 1, group_size: int = 1) -> tuple[int, int]:
     """The per-process (batch, minibatch) sizes for global sizes on num_processes; a clear error where the
-    global sizes do not split evenly (an uneven split would weight some processes' rollouts more)."""
+    global sizes do not split evenly (an uneven split would weight some processes' rollouts more).
+
+    group_size: completions per prompt (num_generations), laid out prompt by prompt; each process must hold
+    whole groups, so that group baselines (GRPO, RLOO) need no communication."""
     for name, size in (("batch_size", batch_size), ("minibatch_size", minibatch_size)):
         if size % num_processes:
             raise ValueError(f"{name}={size} is global and must split evenly over {num_processes} processes; "
                              f"use a multiple of {num_processes}")
+    if (batch_size // num_processes) % group_size:
+        raise ValueError(f"batch_size={batch_size} over {num_processes} processes is {batch_size // num_processes} "
+                         f"rollouts each, which would split a group of num_generations={group_size}; use a "
+                         f"multiple of {num_processes * group_size}")
     local_mb = minibatch_size // num_processes
     if local_mb % gradient_accumulation_steps:
         raise ValueError(f"minibatch_size={minibatch_size} over {num_processes} processes is {local_mb} rows each, "
@@ -99,10 +106,11 @@ def check_sizes(batch_size: int, minibatch_size: int, num_processes: int,
     return batch_size // num_processes, local_mb
 
 
-def rank_slice(batch_size: int, minibatch_size: int, state: Any = None, gradient_accumulation_steps: int = 1) -> slice:
-    """This process's rows of a global batch: rank r of N gets r*B/N .. (r+1)*B/N."""
+def rank_slice(batch_size: int, minibatch_size: int, state: Any = None, gradient_accumulation_steps: int = 1,
+               group_size: int = 1) -> slice:
+    """This process's rows of a global batch: rank r of N gets r*B/N .. (r+1)*B/N (checked by `check_sizes`)."""
     s = current_state(state)
-    local, _ = check_sizes(batch_size, minibatch_size, s.num_processes, gradient_accumulation_steps)
+    local, _ = check_sizes(batch_size, minibatch_size, s.num_processes, gradient_accumulation_steps, group_size)
     return slice(s.process_index * local, (s.process_index + 1) * local)
 
 
