@@ -99,6 +99,8 @@ class Sampler:
         if top_p < 1.0:
             rowwise.append(lp.TopPLogitsWarper(top_p))
         self.rowwise = rowwise + [p for p in logits_processors if isinstance(p, ROWWISE)]
+        # Only a division by the temperature (or nothing) is row-wise: replayed without the generic warper loop.
+        self._temperature_only = all(type(p) is lp.TemperatureLogitsWarper for p in self.rowwise)
 
     @property
     def needs_context(self) -> bool:
@@ -117,6 +119,10 @@ class Sampler:
         x = logits.float()
         if self.needs_context:
             x = torch.stack([self._contextual(x[:, t], ids[:, : P + t], mask[:, : P + t], t) for t in range(T)], 1)
+        if self._temperature_only:
+            # No reshape: logits arrive as a strided slice, and reshape(B * T, V) would copy all of them (and
+            # copy the gradient back) only to divide, or to do nothing at temperature 1.
+            return x if self.temperature == 1.0 else x / self.temperature
         return self._rowwise(x.reshape(B * T, V)).reshape(B, T, V)
 
     def reference_scores(self, logits: Tensor) -> Tensor:
