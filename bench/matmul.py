@@ -9,7 +9,6 @@ import argparse
 import time
 
 import torch
-
 from workloads import emit, progress
 
 

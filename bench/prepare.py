@@ -16,7 +16,6 @@ import shutil
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
-
 from workloads import RESULTS, folder, logits_checksum, progress
 
 EOS = "<|endoftext|>"

@@ -14,7 +14,6 @@ import time
 
 import torch
 from torch import nn
-
 from workloads import WORKLOADS, emit, load_inputs, logits_checksum, mean, progress, summary, token_share
 
 

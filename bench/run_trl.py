@@ -10,7 +10,6 @@ import time
 import warnings
 
 import torch
-
 from workloads import WORKLOADS, emit, load_inputs, logits_checksum, mean, progress, summary, token_share, vader
 
 

@@ -8,9 +8,9 @@ prepare.py; both sides read the same token ids, so nothing depends on two tokeni
 import json
 import resource
 import sys
-from statistics import median
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from statistics import median
 
 import torch
 

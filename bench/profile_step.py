@@ -1,0 +1,147 @@
+"""Where tether's step spends its time, per phase (tether's .venv):
+
+    OMP_NUM_THREADS=2 python bench/profile_step.py b [--steps 2] [--ops 25] [--threads 2]
+
+Same set-up as run_tether.py (prepare.py must have run). One untimed warm-up step, then --steps steps of
+generate -> reward -> PPO step with light wrappers (perf_counter around the functions named in METHODS, FUNCTIONS and
+OTHERS, looked up by name, so a refactored trainer simply drops the ones it no longer has). Inclusive wall-clock seconds per
+step, averaged, are printed as a table; with --ops N the last step also runs under torch.profiler and its N
+most expensive operators (self CPU time) are printed, by input shape, or with --stack K by their K innermost
+Python frames.
+"""
+
+import argparse
+import functools
+import importlib
+import time
+from collections import defaultdict
+
+import torch
+from workloads import WORKLOADS, load_inputs, token_share
+
+TOTALS: dict[str, float] = defaultdict(float)
+CALLS: dict[str, int] = defaultdict(int)
+
+# (attribute, label). Methods are wrapped on PPOTrainer (wherever it inherits them from); functions in every
+# loaded tether.trainers module that imported them by name. Inclusive times: nested entries are parts of their parents.
+METHODS = [
+    ("generate", "1 generate"),
+    ("_forward_rollouts", "3 scoring forward (no grad)"),
+    ("_optimise", "6 PPO epochs"),
+    ("_replay", "   replay (sequence_scores)"),
+]
+FUNCTIONS = [
+    ("gather_logprobs", "   gather_logprobs"),
+    ("kl_full", "   kl_full"),
+    ("entropy_from_logits", "   entropy_from_logits"),
+    ("token_stats", "   token_stats (fused)"),
+    ("response_forward", "   reference forward"),
+    ("policy_loss", "   policy_loss"),
+    ("value_loss", "   value_loss"),
+]
+OTHERS = [  # (module, attribute path, label)
+    ("tether.models.policy", "PolicyWithValueHead.forward", "   policy forward (+value head)"),
+    ("torch", "Tensor.backward", "   backward"),
+    ("torch.nn.utils", "clip_grad_norm_", "   clip_grad_norm_"),
+    ("torch.optim.adamw", "AdamW.step", "   optimizer.step"),
+    ("tether.rollout.generate", "draw", "   draw (sampling)"),
+]
+LABELS = [label for _, label in METHODS + FUNCTIONS] + [label for _, _, label in OTHERS]
+
+
+def timed(label: str, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            TOTALS[label] += time.perf_counter() - t0
+            CALLS[label] += 1
+    return wrapper
+
+
+def install() -> None:
+    import sys
+
+    from tether.trainers.ppo import PPOTrainer
+
+    for name, label in METHODS:
+        if hasattr(PPOTrainer, name):
+            setattr(PPOTrainer, name, timed(label, getattr(PPOTrainer, name)))
+    modules = [m for n, m in list(sys.modules.items()) if n.startswith("tether.trainers") and m is not None]
+    for name, label in FUNCTIONS:
+        for module in modules:
+            if callable(getattr(module, name, None)):
+                setattr(module, name, timed(label, getattr(module, name)))
+    for module_name, path, label in OTHERS:
+        owner = importlib.import_module(module_name)
+        *parents, name = path.split(".")
+        for p in parents:
+            owner = getattr(owner, p, None)
+        if owner is not None and hasattr(owner, name):
+            setattr(owner, name, timed(label, getattr(owner, name)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workload", choices=WORKLOADS)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--ops", type=int, default=0, help="also profile the last step's operators (top N)")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--stack", type=int, default=0, help="with --ops: group operators by their N innermost "
+                        "Python frames")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    install()
+    w = WORKLOADS[args.workload]
+    from tether import PPOConfig
+    from tether.demo import vader_reward
+    from tether.trainers.ppo import PPOTrainer
+
+    path, prompt_ids, _ = load_inputs(w.name, "tether")
+    config = PPOConfig(model=str(path), output_dir=str(path.parent / "tether-profile"), seed=w.seed,
+                       steps=args.steps + 1, batch_size=w.batch_size, minibatch_size=w.minibatch_size,
+                       ppo_epochs=w.ppo_epochs, gradient_accumulation_steps=1, learning_rate=w.learning_rate,
+                       init_kl_coef=w.init_kl_coef, adaptive_kl=False, max_new_tokens=w.max_new_tokens,
+                       temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=0, max_grad_norm=1.0)
+    trainer = PPOTrainer(config)
+    queries = [torch.tensor(q) for q in prompt_ids]
+
+    def one_step() -> float:
+        t0 = time.perf_counter()
+        gen = trainer.generate(queries)
+        scores = (vader_reward([""] * len(gen.texts), gen.texts) if w.reward == "vader"
+                  else token_share([r.tolist() for r in gen.responses]))
+        trainer.step(gen.queries, gen.responses, scores)
+        return time.perf_counter() - t0
+
+    one_step()  # warm-up
+    TOTALS.clear(), CALLS.clear()
+    totals, cpu0 = [], time.process_time()
+    for _ in range(args.steps):
+        totals.append(one_step())
+    cpu = (time.process_time() - cpu0) / args.steps
+    n = args.steps
+    step = sum(totals) / n
+    print(f"workload ({w.name}), {n} steps, torch threads {torch.get_num_threads()}: "
+          f"{step:.3f} s/step wall (steps: {', '.join(f'{t:.2f}' for t in totals)}), {cpu:.3f} CPU-s/step")
+    print("| phase (inclusive) | s/step | share of step | calls/step |\n|---|---:|---:|---:|")
+    for label in LABELS:
+        if label in TOTALS:
+            print(f"| {label} | {TOTALS[label] / n:.3f} | {100 * TOTALS[label] / n / step:.1f}% "
+                  f"| {CALLS[label] / n:.0f} |")
+    if args.ops:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_stack=bool(args.stack)) as prof:
+            one_step()
+        events = (prof.key_averages(group_by_stack_n=args.stack) if args.stack
+                  else prof.key_averages(group_by_input_shape=True))
+        print(events.table(sort_by="self_cpu_time_total", row_limit=args.ops, max_name_column_width=40,
+                           max_shapes_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
