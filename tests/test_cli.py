@@ -68,3 +68,44 @@ def test_unknown_model_path(tmp_path, prompt_file, capsys):
                  "rewards_for_tests:count_good", "--output_dir", str(tmp_path / "r")])
     assert code == 2
     assert "missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, algorithm", [("grpo", "grpo"), ("rloo", "rloo"), ("reinforce-pp", "reinforce++")])
+def test_critic_free_commands_take_the_same_keys(command, algorithm, model_dir, prompt_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main([command, "--model", str(model_dir), "--prompts", str(prompt_file), "--reward",
+                 "rewards_for_tests:count_good", "--output_dir", str(out), *SMALL, "--num_generations", "2",
+                 "--kl_in_loss", "true"])
+    assert code == 0, capsys.readouterr().err
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (resolved["algorithm"], resolved["num_generations"], resolved["kl_in_loss"]) == (algorithm, 2, True)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "ppo/loss/kl" in rows[-1] and "ppo/val/var_explained" not in rows[-1]
+    AutoModelForCausalLM.from_pretrained(out / "policy")
+
+
+def test_command_and_config_algorithm_must_agree(model_dir, prompt_file, tmp_path, capsys):
+    (tmp_path / "rloo.yaml").write_text(yaml.safe_dump({"algorithm": "rloo", "model": str(model_dir)}))
+    assert main(["grpo", "--config", str(tmp_path / "rloo.yaml")]) == 2
+    assert "`tether grpo` runs algorithm='grpo', but the config sets algorithm='rloo'; use `tether rloo`" in \
+        capsys.readouterr().err
+
+
+def test_grpo_help_lists_its_keys(capsys):
+    with pytest.raises(SystemExit):
+        main(["grpo", "--help"])
+    text = capsys.readouterr().out
+    assert "--num_generations" in text and "--kl_in_loss" in text and "--lora_r" in text
+
+
+@pytest.mark.parametrize("example", ["grpo_sentiment", "rloo_sentiment", "reinforce_pp_sentiment"])
+def test_method_examples_are_valid_configs(example):
+    from pathlib import Path
+
+    from tether.cli import build_parser, config_from_args
+
+    path = Path(__file__).parents[1] / "examples" / f"{example}.yaml"
+    args = build_parser().parse_args(["demo", "--config", str(path)])
+    config = config_from_args(args.demo, "demo")
+    assert config.algorithm == yaml.safe_load(path.read_text())["algorithm"]
+    assert config.batch_size % config.num_generations == 0

@@ -21,7 +21,7 @@ ALGORITHM_COMMANDS = {"ppo": "ppo", "grpo": "grpo", "rloo": "rloo", "reinforce-p
 def _ppo_parser(description: str, defaults: dict | None = None) -> ArgumentParser:
     parser = ArgumentParser(description=description)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the keys below")
-    parser.add_class_arguments(PPOConfig, as_group=False, skip={"algorithm"})  # the command names it
+    parser.add_class_arguments(PPOConfig, as_group=False)
     if defaults:
         parser.set_defaults(**defaults)
     return parser
@@ -63,16 +63,19 @@ def build_parser() -> ArgumentParser:
                             help="PPO on your model, prompts and reward")
     commands.add_subcommand("grpo", _ppo_parser(
         "GRPO: no critic; completions of one prompt are compared within their group (mean/std). Same keys as "
-        "`tether ppo`; defaults: num_generations 4, KL in the loss (k3)."), help="GRPO (critic-free)")
+        "`tether ppo`; defaults: num_generations 4, KL in the loss (k3).", {"algorithm": "grpo"}),
+        help="GRPO (critic-free)")
     commands.add_subcommand("rloo", _ppo_parser(
         "RLOO: no critic; each completion's baseline is the mean reward of its prompt's other completions. "
-        "Same keys as `tether ppo`; defaults: num_generations 4, KL in the reward."), help="RLOO (critic-free)")
+        "Same keys as `tether ppo`; defaults: num_generations 4, KL in the reward.", {"algorithm": "rloo"}),
+        help="RLOO (critic-free)")
     commands.add_subcommand("reinforce-pp", _ppo_parser(
         "REINFORCE++: no critic; per-token returns with the KL in the reward, whitened over the batch. Same "
-        "keys as `tether ppo`."), help="REINFORCE++ (critic-free)")
+        "keys as `tether ppo`.", {"algorithm": "reinforce++"}), help="REINFORCE++ (critic-free)")
     commands.add_subcommand("demo", _ppo_parser(
         "Offline demo: PPO on SmolLM2-135M-Instruct toward positive movie reviews, scored by VADER. Takes the "
-        "same keys as `tether ppo`; model, prompts and reward default to the demo's.", DEMO_DEFAULTS),
+        "same keys as `tether ppo` (`algorithm` picks grpo, rloo or reinforce++ instead); model, prompts and "
+        "reward default to the demo's.", DEMO_DEFAULTS),
         help="the offline sentiment demo on SmolLM2")
     commands.add_subcommand("report", _report_parser(), help="rebuild a run folder's report")
     commands.add_subcommand("reward", _reward_parser(), help="train a reward model")
@@ -82,7 +85,15 @@ def build_parser() -> ArgumentParser:
 
 def config_from_args(args, command: str = "ppo") -> PPOConfig:
     keys = {k: v for k, v in vars(args).items() if k in PPOConfig.__dataclass_fields__}
-    return PPOConfig(**keys, algorithm=ALGORITHM_COMMANDS.get(command, "ppo"))
+    wanted = ALGORITHM_COMMANDS.get(command)
+    if wanted is not None and keys.get("algorithm", wanted) != wanted:
+        raise ValueError(f"`tether {command}` runs algorithm={wanted!r}, but the config sets algorithm="
+                         f"{keys['algorithm']!r}; use `tether {_command_for(keys['algorithm'])}` for that")
+    return PPOConfig(**keys)
+
+
+def _command_for(algorithm: str) -> str:
+    return next((cmd for cmd, algo in ALGORITHM_COMMANDS.items() if algo == algorithm), "ppo")
 
 
 def main(argv: list[str] | None = None) -> int:

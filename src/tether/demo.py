@@ -68,14 +68,14 @@ DEMO_DEFAULTS = {
 
 
 def demo_trainer(config):
-    """PPOTrainer for the demo: SmolLM2 unless `model` is set, the shipped openings unless `prompts` is set,
-    VADER unless `reward` is set."""
+    """The trainer of `config.algorithm` for the demo: SmolLM2 unless `model` is set, the shipped openings
+    unless `prompts` is set, VADER unless `reward` is set."""
     from dataclasses import replace
 
     from tether.models.smollm2 import smollm2_path
-    from tether.trainers.ppo import PPOTrainer
+    from tether.trainers import trainer_class
 
     config = replace(config, model=config.model or str(smollm2_path()))
     prompts = None if config.prompts else movie_review_openings()
     reward = None if config.reward else vader_reward
-    return PPOTrainer(config, prompts=prompts, reward=reward)
+    return trainer_class(config.algorithm)(config, prompts=prompts, reward=reward)

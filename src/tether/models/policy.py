@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from tether.rollout.generate import forward_params, positions
 
@@ -134,10 +133,9 @@ class Critic(nn.Module):
             model = AutoModelForSequenceClassification.from_pretrained(folder)
         except (OSError, ValueError) as err:
             raise ValueError(f"critic: could not load {folder!r} as a sequence-classification model: {err}") from err
-        kind = model.config.model_type
-        if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            raise ValueError(f"critic: {folder!r} is a {kind} model, which is not a causal LM; its states at "
-                             f"token t see later tokens, so it cannot value the state before token t")
+        if not _is_causal(model.base_model):
+            raise ValueError(f"critic: {folder!r} is a {model.config.model_type} model whose state at token t "
+                             f"sees later tokens (not causal), so it cannot value the state before token t")
         head = getattr(model, "score", None)
         if not isinstance(head, nn.Linear):
             raise ValueError(f"critic: {folder!r} ({type(model).__name__}) has no linear `score` head to reuse")
@@ -159,6 +157,17 @@ class Critic(nn.Module):
         directory = Path(directory)
         self.body.save_pretrained(directory)
         save_value_head(self.head, directory)
+
+
+@torch.no_grad()
+def _is_causal(body: PreTrainedModel) -> bool:
+    """Probe: changing the last token must leave every earlier position's state unchanged."""
+    device = next(body.parameters()).device
+    ids = torch.tensor([[1, 2, 3, 4]], device=device)
+    changed = ids.clone()
+    changed[0, -1] = 5
+    states = [body(input_ids=x, attention_mask=torch.ones_like(x)).last_hidden_state[0, :-1] for x in (ids, changed)]
+    return torch.allclose(states[0], states[1], atol=1e-6)
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:

@@ -474,10 +474,11 @@ class RLTrainer:
         return scores
 
     def _next_prompt_indices(self) -> list[int]:
-        """Walk a seeded shuffle of the prompts; reshuffle on each pass over the data."""
-        while len(self._order) < self.config.batch_size:
+        """batch_size / num_generations prompts: a seeded shuffle, reshuffled on each pass over the data."""
+        n = self.config.batch_size // self.config.num_generations
+        while len(self._order) < n:
             self._order += torch.randperm(len(self.prompts), generator=self.data_generator).tolist()
-        indices, self._order = self._order[:self.config.batch_size], self._order[self.config.batch_size:]
+        indices, self._order = self._order[:n], self._order[n:]
         return indices
 
     def _encode(self, text: str, where: str) -> Tensor:

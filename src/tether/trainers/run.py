@@ -28,7 +28,7 @@ class RunLogger:
         if importlib.util.find_spec("tensorboard") is not None:
             self.sinks.append(TensorBoardSink(self.dir / "tb", purge_step=start + 1))
         self.samples = SamplesSink(self.dir / "samples.jsonl")
-        self.bar = tqdm(total=total, initial=start, desc="ppo", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=start, desc=config.algorithm, unit="step", dynamic_ncols=True)
 
     def log(self, step: int, stats: dict, prompts, completions, scores, kl_per_seq) -> None:
         for sink in self.sinks:

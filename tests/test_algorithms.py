@@ -1,0 +1,198 @@
+"""GRPO, RLOO and REINFORCE++ on the shared machinery: the estimators by hand, the trainers learning on a
+tiny model with the KL bounded, the KL in the loss, and grouped rollouts."""
+
+import pytest
+import torch
+from conftest import assert_close64, make_model, make_tokenizer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_ppo_learns import PROMPTS, share_of
+
+from tether import PPOConfig
+from tether.ops import group_centred, group_normalised, leave_one_out
+from tether.trainers import GRPOTrainer, PPOTrainer, ReinforcePPTrainer, RLOOTrainer, trainer_class
+
+
+# ---- the estimators, by hand -------------------------------------------------------------------
+def test_group_normalised_by_hand():
+    # group 1: 1, 2, 3 -> mean 2, std (Bessel) 1; group 2: all 5 -> every advantage 0
+    adv = group_normalised(torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0]), 3, eps=0.0)
+    assert_close64(adv[:3], [-1.0, 0.0, 1.0])
+    assert torch.equal(group_normalised(torch.tensor([5.0, 5.0, 5.0]), 3), torch.zeros(3))
+
+
+def test_leave_one_out_by_hand():
+    # 1 - mean(2, 6) = -3; 2 - mean(1, 6) = -1.5; 6 - mean(1, 2) = 4.5
+    assert_close64(leave_one_out(torch.tensor([1.0, 2.0, 6.0]), 3), [-3.0, -1.5, 4.5])
+
+
+def test_group_centred_by_hand():
+    assert_close64(group_centred(torch.tensor([1.0, 3.0, 10.0, 20.0]), 2), [-1.0, 1.0, -5.0, 5.0])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(2, 6), st.integers(1, 4), st.integers(0, 10_000))
+def test_group_baselines_centre_each_group(group_size, groups, seed):
+    scores = torch.randn(group_size * groups, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    loo = leave_one_out(scores, group_size).reshape(groups, group_size)
+    # sum_i (r_i - (S - r_i) / (G - 1)) = S - (G S - S) / (G - 1) = 0
+    assert_close64(loo.sum(-1), torch.zeros(groups), atol=1e-9)
+    # leave-one-out is the centred score scaled by G / (G - 1)
+    centred = group_centred(scores, group_size).reshape(groups, group_size)
+    assert_close64(loo, centred * group_size / (group_size - 1), atol=1e-9)
+    grpo = group_normalised(scores, group_size, eps=0.0).reshape(groups, group_size)
+    assert_close64(grpo.mean(-1), torch.zeros(groups), atol=1e-9)
+    assert_close64(grpo.std(-1), torch.ones(groups), atol=1e-9)
+
+
+@pytest.mark.parametrize("fn", [group_normalised, leave_one_out])
+def test_group_estimators_refuse_a_group_of_one(fn):
+    with pytest.raises(ValueError, match="at least 2 completions per prompt"):
+        fn(torch.tensor([1.0, 2.0]), 1)
+
+
+def test_groups_must_tile_the_batch():
+    with pytest.raises(ValueError, match="multiple of the group size 4"):
+        leave_one_out(torch.tensor([1.0, 2.0, 3.0]), 4)
+
+
+# ---- config ------------------------------------------------------------------------------------
+def test_algorithm_defaults_fill_only_unset_keys():
+    grpo = PPOConfig(algorithm="grpo", batch_size=8)
+    assert (grpo.num_generations, grpo.kl_in_loss, grpo.kl_estimator, grpo.whiten_advantages) == (4, True, "k3", False)
+    rloo = PPOConfig(algorithm="rloo", batch_size=8, num_generations=2, whiten_advantages=True)
+    assert (rloo.num_generations, rloo.kl_in_loss, rloo.kl_estimator, rloo.whiten_advantages) == (2, False, "kl", True)
+    ppo = PPOConfig()
+    assert (ppo.num_generations, ppo.kl_in_loss, ppo.kl_estimator, ppo.whiten_advantages) == (1, False, "kl", True)
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"algorithm": "grpo", "num_generations": 1}, "num_generations must be >= 2"),
+    ({"algorithm": "rloo", "batch_size": 6}, "num_generations=4 does not divide batch_size=6"),
+    ({"algorithm": "grpo", "kl_estimator": "full"}, "kl_in_loss with kl_estimator=full"),
+    ({"algorithm": "grpo", "critic": "policy"}, "only ppo uses a critic"),
+    ({"algorithm": "a2c"}, "algorithm='a2c' is not one of"),
+])
+def test_algorithm_config_errors(keys, message):
+    with pytest.raises(ValueError, match=message):
+        PPOConfig(**keys)
+
+
+def test_trainer_must_match_the_configs_algorithm(tmp_path):
+    tok = make_tokenizer()
+    with pytest.raises(ValueError, match=r"GRPOTrainer runs algorithm='grpo' but the config says 'ppo'"):
+        GRPOTrainer(PPOConfig(output_dir=str(tmp_path)), model=make_model(len(tok)), tokenizer=tok)
+    assert trainer_class("rloo") is RLOOTrainer and trainer_class("reinforce++") is ReinforcePPTrainer
+
+
+# ---- the trainers learn ------------------------------------------------------------------------
+LEARNING = {  # tiny GPT-2, reward = share of the word "good"; chosen so reward clearly rises, KL stays < 10
+    "grpo": {"learning_rate": 1e-3, "init_kl_coef": 0.2},
+    "rloo": {"learning_rate": 2e-3, "init_kl_coef": 0.05},
+    "reinforce++": {"learning_rate": 3e-3, "init_kl_coef": 0.05, "steps": 40},
+}
+
+
+@pytest.mark.parametrize("algorithm", sorted(LEARNING))
+def test_critic_free_trainers_learn_with_kl_bounded(algorithm, tmp_path):
+    tok = make_tokenizer()
+    target = tok.convert_tokens_to_ids("good")
+    keys = {"steps": 30, "batch_size": 16, "minibatch_size": 8, "ppo_epochs": 4, "max_new_tokens": 8, "seed": 0,
+            **LEARNING[algorithm]}
+    cfg = PPOConfig(algorithm=algorithm, output_dir=str(tmp_path), **keys)
+    trainer = trainer_class(algorithm)(cfg, model=make_model(len(tok)), tokenizer=tok, prompts=PROMPTS,
+                                       reward=share_of(target, tok))
+    assert trainer.policy.value_head is None and trainer.critic is None  # critic-free: nothing to value
+    history = trainer.train()
+    rewards = [h["env/reward_mean"] for h in history]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.25, rewards
+    kls = [h["objective/kl"] for h in history]
+    assert all(0 <= k <= 10 for k in kls), kls
+    assert "ppo/loss/value" not in history[-1] and "ppo/returns/mean" not in history[-1]
+    assert ("ppo/loss/kl" in history[-1]) == (algorithm == "grpo")  # GRPO's KL is in the loss by default
+
+
+def test_grouped_rollouts_repeat_each_prompt(tmp_path):
+    tok = make_tokenizer()
+    cfg = PPOConfig(algorithm="rloo", steps=1, batch_size=8, num_generations=4, minibatch_size=8,
+                    max_new_tokens=4, output_dir=str(tmp_path))
+    seen = []
+
+    def reward(prompts, completions):
+        seen.append(list(prompts))
+        return [0.0] * len(prompts)
+
+    RLOOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok, prompts=PROMPTS, reward=reward).train()
+    prompts = seen[0]
+    assert len(prompts) == 8 and prompts[:4] == [prompts[0]] * 4 and prompts[4:] == [prompts[4]] * 4
+    assert prompts[0] != prompts[4]
+
+
+def test_step_refuses_rows_that_break_groups(tmp_path):
+    tok = make_tokenizer()
+    cfg = PPOConfig(algorithm="grpo", batch_size=4, num_generations=2, minibatch_size=4, max_new_tokens=4,
+                    output_dir=str(tmp_path))
+    trainer = GRPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok)
+    gen = trainer.generate(["the movie was", "the movie was", "i really", "a story"])
+    with pytest.raises(ValueError, match="rows 2..3 must be completions of one prompt, but query 3 differs"):
+        trainer.step(gen.queries, gen.responses, [0.0, 1.0, 0.0, 1.0])
+
+
+def test_rloo_step_uses_leave_one_out_advantages(tmp_path):
+    """Without the KL (beta 0) and without whitening, each token's advantage is its completion's RLOO value."""
+    tok = make_tokenizer()
+    cfg = PPOConfig(algorithm="rloo", batch_size=4, num_generations=2, minibatch_size=4, ppo_epochs=1,
+                    max_new_tokens=5, init_kl_coef=0.0, output_dir=str(tmp_path))
+    trainer = RLOOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok)
+    gen = trainer.generate(["the movie was"] * 2 + ["i really"] * 2)
+    batch = trainer._forward_rollouts(gen.queries, gen.responses)
+    advantages, returns, _ = trainer.advantages(batch, torch.tensor([1.0, 3.0, 0.0, -2.0]), 0.0)
+    assert returns is None
+    expected = torch.tensor([-2.0, 2.0, 2.0, -2.0])[:, None] * batch.mask
+    assert_close64(advantages, expected)
+
+
+# ---- the KL in the loss ------------------------------------------------------------------------
+def test_kl_in_loss_leaves_the_reward_alone_and_enters_the_loss(tmp_path):
+    tok = make_tokenizer()
+    stats = {}
+    for in_loss in (False, True):
+        cfg = PPOConfig(algorithm="grpo", batch_size=8, num_generations=4, minibatch_size=8, ppo_epochs=1,
+                        max_new_tokens=6, kl_in_loss=in_loss, kl_estimator="k3", init_kl_coef=0.5, seed=3,
+                        output_dir=str(tmp_path / str(in_loss)))
+        trainer = GRPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok)
+        with torch.no_grad():  # move the policy away from its reference so that the KL is not 0
+            for p in trainer.policy.model.transformer.h[0].parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        gen = trainer.generate(["the movie was"] * 4 + ["i really"] * 4)
+        stats[in_loss] = trainer.step(gen.queries, gen.responses, [float(i % 3) for i in range(8)])
+    assert stats[True]["objective/non_score_reward"] == 0.0
+    assert stats[False]["objective/non_score_reward"] < 0
+    # first (only) minibatch: the policy is still the rollout policy, so the loss term is the rollout-time
+    # k3 mean over tokens, weighted by beta
+    with_kl = stats[True]
+    assert with_kl["ppo/loss/kl"] > 0
+    assert abs(with_kl["ppo/loss/total"] - (with_kl["ppo/loss/policy"] + 0.5 * with_kl["ppo/loss/kl"])) < 1e-6
+
+
+def test_kl_in_loss_holds_the_policy_closer(tmp_path):
+    tok = make_tokenizer()
+    target = tok.convert_tokens_to_ids("good")
+    final_kl = {}
+    for beta in (0.0, 1.0):
+        cfg = PPOConfig(algorithm="grpo", steps=12, batch_size=16, minibatch_size=8, max_new_tokens=8,
+                        learning_rate=3e-3, init_kl_coef=beta, seed=0, output_dir=str(tmp_path / str(beta)))
+        history = GRPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok, prompts=PROMPTS,
+                              reward=share_of(target, tok)).train()
+        final_kl[beta] = sum(h["objective/kl"] for h in history[-4:]) / 4
+    assert final_kl[1.0] < 0.5 * final_kl[0.0], final_kl
+
+
+def test_ppo_with_kl_in_loss_runs(tmp_path):
+    tok = make_tokenizer()
+    cfg = PPOConfig(batch_size=4, minibatch_size=4, max_new_tokens=4, kl_in_loss=True, output_dir=str(tmp_path))
+    trainer = PPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok)
+    gen = trainer.generate(PROMPTS[:4])
+    stats = trainer.step(gen.queries, gen.responses, [0.0, 1.0, 0.0, 1.0])
+    assert stats["objective/non_score_reward"] == 0.0 and "ppo/loss/value" in stats and "ppo/loss/kl" in stats

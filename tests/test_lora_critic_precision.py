@@ -1,0 +1,231 @@
+"""LoRA policy with its own adapters-off reference, a separate critic, gradient checkpointing, bf16."""
+
+import pytest
+import torch
+from conftest import make_model, make_tokenizer
+from test_ppo_learns import PROMPTS, share_of
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+from tether import PPOConfig
+from tether.models.policy import response_forward
+from tether.trainers import GRPOTrainer, PPOTrainer
+
+pytest.importorskip("peft")
+
+
+def _gen_and_step(trainer, scores=None):
+    gen = trainer.generate(PROMPTS[:trainer.config.batch_size])
+    scores = scores or [float(i % 3) for i in range(trainer.config.batch_size)]
+    return gen, trainer.step(gen.queries, gen.responses, scores)
+
+
+# ---- LoRA ----------------------------------------------------------------------------------------
+def test_lora_reference_is_the_base_model_with_no_second_copy(tmp_path):
+    tok = make_tokenizer()
+    base = make_model(len(tok))
+    frozen_copy = make_model(len(tok))  # same seed: the weights the reference must keep
+    cfg = PPOConfig(batch_size=4, minibatch_size=4, max_new_tokens=6, learning_rate=1e-2, lora_r=4,
+                    output_dir=str(tmp_path))
+    trainer = PPOTrainer(cfg, model=base, tokenizer=tok)
+    assert trainer.ref is None
+    n_base = sum(p.numel() for p in frozen_copy.parameters())
+    n_all = sum(p.numel() for p in trainer.trainable.parameters())
+    n_lora = sum(p.numel() for n, p in trainer.trainable.named_parameters() if "lora_" in n)
+    assert n_all == n_base + n_lora + 33  # + value head (32 + 1): no reference copy anywhere
+    trainable = {n for n, p in trainer.trainable.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "value_head" in n for n in trainable)
+
+    for _ in range(3):
+        gen, stats = _gen_and_step(trainer)
+    assert stats["objective/kl"] > 0  # the policy moved away ...
+    q = gen.queries[0][None]
+    r = gen.responses[0][None]
+    ref_logits = trainer._reference_forward(q, torch.ones_like(q), r)
+    expected, _ = response_forward(frozen_copy, q, torch.ones_like(q), r)
+    torch.testing.assert_close(ref_logits, expected, atol=1e-5, rtol=0)  # ... the reference did not
+    policy_logits, _ = response_forward(trainer.policy.model, q, torch.ones_like(q), r)
+    assert (policy_logits - expected).abs().max() > 1e-3
+
+
+def test_lora_policy_saves_merged_weights_that_transformers_loads(tmp_path):
+    tok = make_tokenizer()
+    cfg = PPOConfig(batch_size=4, minibatch_size=4, max_new_tokens=6, learning_rate=1e-2, lora_r=4,
+                    output_dir=str(tmp_path / "run"))
+    trainer = PPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok)
+    gen, _ = _gen_and_step(trainer)
+    trainer.save(tmp_path / "policy")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").eval()
+    q, r = gen.queries[0][None], gen.responses[0][None]
+    with torch.no_grad():
+        expected, _ = response_forward(trainer.policy.model, q, torch.ones_like(q), r)
+        got, _ = response_forward(loaded, q, torch.ones_like(q), r)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert (tmp_path / "policy" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "policy" / "value_head.safetensors").exists()
+
+
+def test_lora_with_ref_model_is_refused(tmp_path):
+    tok = make_tokenizer()
+    cfg = PPOConfig(lora_r=4, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="reference is the policy with its adapters disabled"):
+        PPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok, ref_model=make_model(len(tok)))
+
+
+def test_lora_bad_target_modules_is_a_clear_error(tmp_path):
+    tok = make_tokenizer()
+    cfg = PPOConfig(lora_r=4, lora_target_modules=["no_such_layer"], output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"lora_target_modules=\['no_such_layer'\]"):
+        PPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok)
+
+
+def test_lora_resumes_from_its_checkpoint(tmp_path):
+    tok = make_tokenizer()
+    target = tok.convert_tokens_to_ids("good")
+
+    def run(steps, resume):
+        cfg = PPOConfig(steps=steps, batch_size=4, minibatch_size=4, max_new_tokens=4, lora_r=2, learning_rate=1e-2,
+                        checkpoint_every=1, resume=resume, output_dir=str(tmp_path / "run"))
+        return PPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok, prompts=PROMPTS,
+                          reward=share_of(target, tok)).train()
+
+    run(2, False)
+    resumed = run(3, True)
+    assert len(resumed) == 1
+    cfg = PPOConfig(steps=3, batch_size=4, minibatch_size=4, max_new_tokens=4, lora_r=2, learning_rate=1e-2,
+                    output_dir=str(tmp_path / "straight"))
+    straight = PPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok, prompts=PROMPTS,
+                          reward=share_of(target, tok)).train()
+    assert abs(straight[-1]["objective/kl"] - resumed[-1]["objective/kl"]) < 1e-6
+
+
+# ---- separate critic -------------------------------------------------------------------------------
+def test_critic_from_the_policy_is_a_separate_copy(tmp_path):
+    tok = make_tokenizer()
+    cfg = PPOConfig(batch_size=4, minibatch_size=4, max_new_tokens=6, learning_rate=1e-2, critic="policy",
+                    output_dir=str(tmp_path))
+    trainer = PPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok)
+    assert trainer.policy.value_head is None and trainer.critic is not None
+    policy_ids = {id(p) for p in trainer.policy.parameters()}
+    assert not policy_ids & {id(p) for p in trainer.critic.parameters()}
+    body_before = [p.detach().clone() for p in trainer.critic.body.parameters()]
+    _, stats = _gen_and_step(trainer)
+    assert "ppo/critic_grad_norm" in stats and "ppo/loss/value" in stats
+    assert any(not torch.equal(a, b) for a, b in zip(body_before, trainer.critic.body.parameters()))
+    trainer.save(tmp_path / "out")
+    assert (tmp_path / "out" / "critic" / "value_head.safetensors").exists()
+    assert not (tmp_path / "out" / "value_head.safetensors").exists()
+
+
+def _tiny_llama_reward(tmp_path, tok, seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, num_labels=1,
+                         pad_token_id=tok.pad_token_id, eos_token_id=0, bos_token_id=0)
+    model = LlamaForSequenceClassification(config).eval()
+    folder = tmp_path / "reward"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, folder, config
+
+
+def test_critic_from_a_reward_model_values_each_prefix_as_the_reward_model_scores_it(tmp_path):
+    tok = make_tokenizer()
+    reward_model, folder, config = _tiny_llama_reward(tmp_path, tok)
+    policy = LlamaForCausalLM(config).eval()
+    cfg = PPOConfig(batch_size=4, minibatch_size=4, max_new_tokens=6, critic=str(folder), output_dir=str(tmp_path))
+    trainer = PPOTrainer(cfg, model=policy, tokenizer=tok)
+    q = torch.tensor([[3, 4, 5]])
+    r = torch.tensor([[6, 7, 8, 9]])
+    with torch.no_grad():
+        values = trainer.critic(q, torch.ones_like(q), r)
+        for t in range(4):  # V(s_t) reads the prefix up to the token before response token t
+            prefix = torch.cat([q, r[:, :t]], 1)
+            expected = reward_model(input_ids=prefix, attention_mask=torch.ones_like(prefix)).logits[0, 0]
+            assert abs(values[0, t].item() - expected.item()) < 1e-5
+
+
+def test_critic_from_a_reward_model_with_another_tokenizer_is_refused(tmp_path):
+    tok = make_tokenizer()
+    _, folder, config = _tiny_llama_reward(tmp_path, tok)
+    other = make_tokenizer(pad=False)
+    other.save_pretrained(folder)
+    cfg = PPOConfig(critic=str(folder), output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="different tokenizer than the policy"):
+        PPOTrainer(cfg, model=LlamaForCausalLM(config).eval(), tokenizer=tok)
+
+
+def test_critic_from_an_encoder_reward_model_is_refused(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tok = make_tokenizer()
+    bert = BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=64, num_labels=1))
+    bert.save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    cfg = PPOConfig(critic=str(tmp_path / "bert"), output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="is a bert model whose state at token t sees later tokens"):
+        PPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok)
+
+
+def test_ppo_with_a_separate_critic_learns(tmp_path):
+    tok = make_tokenizer()
+    target = tok.convert_tokens_to_ids("good")
+    cfg = PPOConfig(steps=30, batch_size=16, minibatch_size=8, ppo_epochs=4, learning_rate=3e-3, max_new_tokens=8,
+                    critic="policy", seed=0, output_dir=str(tmp_path))
+    history = PPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok, prompts=PROMPTS,
+                         reward=share_of(target, tok)).train()
+    rewards = [h["env/reward_mean"] for h in history]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.25, rewards
+    assert all(0 <= h["objective/kl"] <= 10 for h in history)
+
+
+# ---- gradient checkpointing and bf16 ------------------------------------------------------------------
+@pytest.mark.parametrize("make", ["gpt2", "llama"])
+def test_gradient_checkpointing_recomputes_layers_and_keeps_the_update(make, tmp_path):
+    tok = make_tokenizer()
+
+    def model():
+        if make == "gpt2":
+            return make_model(len(tok))
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                            max_position_embeddings=64)).eval()
+
+    weights, calls = {}, {}
+    for checkpointing in (False, True):
+        cfg = PPOConfig(batch_size=4, minibatch_size=4, ppo_epochs=1, max_new_tokens=6, learning_rate=1e-2,
+                        gradient_checkpointing=checkpointing, output_dir=str(tmp_path / str(checkpointing)))
+        trainer = PPOTrainer(cfg, model=model(), tokenizer=tok)
+        gen = trainer.generate(PROMPTS[:4])
+        layer = trainer.policy.model.base_model.layers[0] if make == "llama" else trainer.policy.model.transformer.h[0]
+        count = [0]  # counted on a child: transformers re-runs the layer's forward, not its __call__ hooks
+        layer.mlp.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        trainer.step(gen.queries, gen.responses, [0.0, 1.0, 2.0, 0.5])
+        calls[checkpointing] = count[0]
+        weights[checkpointing] = [p.detach().clone() for p in trainer.policy.parameters()]
+    # the policy's scoring forward + its update forward; checkpointing adds one recompute in backward
+    assert calls[True] == calls[False] + 1, calls
+    for a, b in zip(weights[False], weights[True]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_autocast_runs_forwards_in_bf16_and_log_probs_in_fp32(tmp_path):
+    tok = make_tokenizer()
+    cfg = PPOConfig(algorithm="grpo", batch_size=4, num_generations=2, minibatch_size=4, max_new_tokens=6,
+                    precision="bf16", output_dir=str(tmp_path))
+    trainer = GRPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok)
+    dtypes = []
+    trainer.policy.model.lm_head.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    gen = trainer.generate(["the movie was"] * 2 + ["i really"] * 2)
+    stats = trainer.step(gen.queries, gen.responses, [0.0, 1.0, 1.0, 0.0])
+    assert set(dtypes) == {torch.bfloat16}
+    assert next(trainer.policy.parameters()).dtype == torch.float32  # weights and AdamW stay fp32
+    assert all(v == v for v in stats.values())  # no nan
+    assert abs(stats["ppo/policy/ratio_mean"] - 1) < 1e-3  # the replay is consistent in bf16 too
+
+
+def test_precision_auto_is_fp32_on_cpu(tmp_path):
+    tok = make_tokenizer()
+    trainer = PPOTrainer(PPOConfig(device="cpu", output_dir=str(tmp_path)), model=make_model(len(tok)), tokenizer=tok)
+    assert trainer.autocast_dtype is None
