@@ -106,11 +106,11 @@ def test_value_loss_hand_values():
     close(stats["loss"], 0.99)
     close(stats["clipfrac"], 1 / 3)
     close(stats["vpred"], 0.5)
-    # var_explained over the mask: R = (2, 0, 2), V = (1, 0.5, 0), R - V = (1, -0.5, 2)
+    # explained variance over the mask: R = (2, 0, 2), V = (1, 0.5, 0), R - V = (1, -0.5, 2)
     #   Var[R] = mean((2/3)^2, (4/3)^2, (2/3)^2) = 24/27 = 0.8889
     #   Var[R-V] = mean((1/6)^2, (4/3)^2, (7/6)^2) = 114/108 = 1.0556
     #   1 - 1.0556 / 0.8889 = 1 - 1.1875 = -0.1875
-    close(stats["var_explained"], -0.1875)
+    close(explained_variance(values.detach(), returns, mask), -0.1875)
 
     loss.backward()
     # d/dV of 0.5/3 * (V-R)^2 = (V-R)/3:  t1: 0.5/3 = 0.1667;  t2: -2/3 = -0.6667

@@ -2,8 +2,8 @@
 
 Everything here goes through `accelerate` (its `PartialState`, `reduce`, `gather_object`), which owns the process
 group whatever launched it (`accelerate launch`, torchrun, DeepSpeed). `state` may be an `Accelerator` or a
-`PartialState`; None means the current `PartialState` (create the `Accelerator` first, or pass it). With one process every function is a cheap no-op, so
-the trainer calls them unconditionally.
+`PartialState`; None means the current `PartialState` (create the `Accelerator` first, or pass it). With one process
+every function is a cheap no-op, so the trainer calls them unconditionally.
 
 Sizes are global: `batch_size` rollouts per step and `minibatch_size` rows per optimiser step over all processes
 together. Rank r of N owns rows r*B/N .. (r+1)*B/N of the global batch and its share of every minibatch.
@@ -135,3 +135,68 @@ def rank_seed(seed: int, rank: int) -> int:
     """Seed for a per-process random stream (sampling, dropout); rank 0 keeps `seed`, so a one-process run
     samples as before. Streams that must agree across ranks (prompt order, minibatch partition) use `seed`."""
     return seed + 1_000_003 * rank
+
+
+class Ranks:
+    """What a trainer needs to know about the other processes, in one place.
+
+    One process (no launcher): every collective is the identity and nothing touches accelerate's global state.
+    Launched on N > 1 processes (`accelerate launch`, torchrun): an `Accelerator` owns the process group and
+    wraps the trained modules in DistributedDataParallel."""
+
+    def __init__(self, cpu: bool) -> None:
+        import os
+
+        self.accelerator = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import Accelerator
+            from accelerate.utils import DistributedType
+
+            self.accelerator = Accelerator(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
+            kind = self.accelerator.distributed_type
+            if kind not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.NO):
+                raise ValueError(f"tether runs data-parallel (DDP) on several processes; distributed_type={kind.value} "
+                                 f"(DeepSpeed, FSDP, ...) is not supported yet. See docs/distributed.md")
+        self.num = self.accelerator.num_processes if self.accelerator else 1
+        self.rank = self.accelerator.process_index if self.accelerator else 0
+        self.is_main = self.rank == 0
+        self.all_reduce: AllReduce = sum_all_reduce(self.accelerator) if self.accelerator else _identity
+
+    @property
+    def device(self) -> torch.device | None:
+        return self.accelerator.device if self.accelerator else None
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """DDP around a trained module (itself with one process); call its forward through what this returns."""
+        return self.accelerator.prepare_model(module) if self.accelerator else module
+
+    def gather(self, x: Tensor) -> Tensor:
+        """Every process's (n, ...) tensor, concatenated in rank order (all n equal)."""
+        if self.accelerator is None:
+            return x
+        from accelerate.utils import gather
+
+        return gather(x.contiguous())
+
+    def gather_lists(self, items: Sequence[T]) -> list[T]:
+        return gather_lists(items, self.accelerator) if self.accelerator else list(items)
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when it is True on any: decisions that must be taken together."""
+        if self.accelerator is None:
+            return bool(flag)
+        return bool(self.all_reduce(torch.tensor([float(flag)], device=self.accelerator.device)).item() > 0)
+
+    def no_sync(self, modules: Sequence[torch.nn.Module]):
+        """Skip the gradient all-reduce (for all but the last micro-batch of a minibatch)."""
+        from contextlib import ExitStack
+
+        stack = ExitStack()
+        if self.accelerator is not None:
+            for module in modules:
+                stack.enter_context(self.accelerator.no_sync(module))
+        return stack
+
+    def wait(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()

@@ -53,16 +53,16 @@ def value_loss(
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((err_clipped > err_unclipped).float(), mask),
-            "var_explained": explained_variance(values, returns, mask),
             "vpred": masked_mean(values, mask),
             "loss": loss.detach(),
         }
     return loss * scale, stats
 
 
-def explained_variance(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """1 - Var[target - pred] / Var[target] over the mask: 1 is perfect, 0 is a constant guess."""
-    var_target = masked_var(target, mask, unbiased=False)
+def explained_variance(pred: Tensor, target: Tensor, mask: Tensor, all_reduce=None) -> Tensor:
+    """1 - Var[target - pred] / Var[target] over the mask: 1 is perfect, 0 is a constant guess.
+    all_reduce: a sum over processes, for the statistic over every process's tokens."""
+    var_target = masked_var(target, mask, unbiased=False, all_reduce=all_reduce)
     if var_target == 0:
         return torch.tensor(float("nan"))
-    return 1.0 - masked_var(target - pred, mask, unbiased=False) / var_target
+    return 1.0 - masked_var(target - pred, mask, unbiased=False, all_reduce=all_reduce) / var_target

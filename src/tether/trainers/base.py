@@ -22,7 +22,8 @@ from transformers import get_scheduler
 
 from tether.config import PPOConfig
 from tether.data import load_prompts
-from tether.losses.ppo import policy_loss, value_loss
+from tether.distributed import Ranks, check_sizes, rank_minibatches, rank_seed
+from tether.losses.ppo import explained_variance, policy_loss, value_loss
 from tether.models.policy import (
     Critic,
     PolicyWithValueHead,
@@ -39,7 +40,7 @@ from tether.ops.masks import response_mask
 from tether.ops.rewards import RunningMoments
 from tether.report import build_report
 from tether.rollout import Sampler, sample
-from tether.trainers.batching import left_pad, minibatches, right_pad
+from tether.trainers.batching import left_pad, right_pad
 from tether.trainers.checkpoint import capture_state, list_checkpoints, load_checkpoint, restore_state, save_checkpoint
 from tether.trainers.guards import FaultCounter, warn_if_negative_kl
 from tether.trainers.run import RunLogger
@@ -94,14 +95,20 @@ class RLTrainer:
         if c.lora_r and ref_model is not None:
             raise ValueError("with lora_r > 0 the reference is the policy with its adapters disabled; "
                              "ref_model cannot be given as well")
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
+        self.ranks = Ranks(cpu=c.device == "cpu")
+        # Sizes in the config are global; this process holds local_batch rollouts and local_minibatch rows of each
+        # minibatch (whole groups of num_generations each).
+        self.local_batch, self.local_minibatch = check_sizes(c.batch_size, c.minibatch_size, self.ranks.num,
+                                                             c.gradient_accumulation_steps, c.num_generations)
+        self.device = self.ranks.device or torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
         self.autocast_dtype = _autocast_dtype(c.precision, self.device)
         seed_everything(c.seed)
         self.tokenizer = load_tokenizer(tokenizer, model if model is not None else c.model)
         self.prompts = load_prompts(prompts if prompts is not None else c.prompts, c.prompt_column) \
             if (prompts is not None or c.prompts) else None
         reward = reward if reward is not None else c.reward
-        self.reward = resolve_reward(reward, self.device, c.batch_size) if reward is not None else None
+        self.reward = resolve_reward(reward, self.device, self.local_batch) if reward is not None else None
 
         lm = load_causal_lm(model if model is not None else c.model).to(self.device).eval()
         self.vocab_size = lm.get_output_embeddings().out_features
@@ -119,6 +126,9 @@ class RLTrainer:
         self.critic = critic
         # Everything trained, as one module: checkpoints hold exactly this.
         self.trainable = nn.ModuleDict({"policy": self.policy, **({"critic": critic} if critic is not None else {})})
+        # Forward passes that train go through these: DistributedDataParallel wrappers on several processes.
+        self.policy_forward = self.ranks.wrap(self.policy)
+        self.critic_forward = self.ranks.wrap(critic) if critic is not None else None
         if c.gradient_checkpointing:
             enable_gradient_checkpointing(lm)
             if critic is not None:
@@ -140,7 +150,7 @@ class RLTrainer:
         updates = c.steps * c.ppo_epochs * (c.batch_size // c.minibatch_size)
         self.scheduler = get_scheduler(c.lr_scheduler_type, self.optimizer, num_warmup_steps=c.warmup_steps,
                                        num_training_steps=updates)
-        self.sample_generator = torch.Generator(self.device).manual_seed(c.seed)
+        self.sample_generator = torch.Generator(self.device).manual_seed(rank_seed(c.seed, self.ranks.rank))
         self.shuffle_generator = torch.Generator().manual_seed(c.seed + 1)  # minibatch partitions
         self.data_generator = torch.Generator().manual_seed(c.seed + 2)  # prompt order
         self._order: list[int] = []  # prompt indices still to visit in this pass
@@ -191,55 +201,67 @@ class RLTrainer:
         num_generations = G > 1, rows k*G .. k*G + G - 1 must be completions of the same prompt."""
         t0 = time.perf_counter()
         c = self.config
-        if not (len(queries) == len(responses) == c.batch_size):
-            raise ValueError(f"step got {len(queries)} queries and {len(responses)} responses; "
-                             f"both must equal batch_size={c.batch_size}")
+        if not (len(queries) == len(responses) == self.local_batch):
+            raise ValueError(f"step got {len(queries)} queries and {len(responses)} responses; both must equal "
+                             f"batch_size={c.batch_size}{self._per_process}")
         check_token_rows(queries, "query", self.vocab_size)
         check_token_rows(responses, "response", self.vocab_size)
         self._check_groups(queries)
         raw_scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
-        if len(raw_scores) != c.batch_size:
-            raise ValueError(f"step got {len(raw_scores)} scores; it needs batch_size={c.batch_size}")
-        if not torch.isfinite(raw_scores).all():
+        if len(raw_scores) != self.local_batch:
+            raise ValueError(f"step got {len(raw_scores)} scores; it needs "
+                             f"batch_size={c.batch_size}{self._per_process}")
+        if self.ranks.any(not torch.isfinite(raw_scores).all()):  # skipped on every process together
             return self._skip_step(raw_scores)
         batch = self._forward_rollouts(queries, responses)  # 3
         t_score = time.perf_counter()
         beta = self.kl_ctl.value
         advantages, returns, non_score = self.advantages(  # 4-5
             batch, self._process_scores(raw_scores).to(self.device), 0.0 if c.kl_in_loss else beta)
-        if c.whiten_advantages:
-            advantages = masked_whiten(advantages, batch.mask)
+        if c.whiten_advantages:  # over the global batch: every process's tokens
+            advantages = masked_whiten(advantages, batch.mask, all_reduce=self.ranks.all_reduce)
         t_optimise = time.perf_counter()
         train_stats = self._optimise(batch, advantages, returns, beta)  # 6
         t_optimise = time.perf_counter() - t_optimise
         # Chain rule: sum_t KL(pi(.|s_t) || ref(.|s_t)) along sampled trajectories is an unbiased,
         # never-negative estimate of the sequence-level KL (the sampled estimators' Rao-Blackwellisation).
         kl_per_seq = batch.kl_exact.sum(-1)
-        estimate_per_seq = batch.kl.sum(-1)
         self._last_kl_per_seq = kl_per_seq.tolist()
-        self.kl_ctl.update(kl_per_seq.mean().item(), c.batch_size)  # 7
+        g = self.ranks  # per-row values of every process, then token means over every process's tokens
+        scores_all, kl_all, estimate_all, non_score_all, length_all = g.gather(torch.stack(
+            [raw_scores.to(self.device), kl_per_seq, batch.kl.sum(-1), non_score.sum(-1), batch.mask.sum(-1)], 1)).T
+        self.kl_ctl.update(kl_all.mean().item(), c.batch_size)  # 7
         self.step_count += 1
+
+        def token_mean(x: Tensor) -> float:
+            return masked_mean(x, batch.mask, all_reduce=g.all_reduce).item()
+
+        def process_sum(x: float) -> float:
+            return g.all_reduce(torch.tensor([x], dtype=torch.float64, device=self.device)).item()
+
         stats = {
-            "env/reward_mean": raw_scores.mean().item(),
-            "env/reward_std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
-            "objective/kl": kl_per_seq.mean().item(),
-            "objective/kl_estimate": estimate_per_seq.mean().item(),
+            "env/reward_mean": scores_all.mean().item(),
+            "env/reward_std": scores_all.std().item() if len(scores_all) > 1 else 0.0,
+            "objective/kl": kl_all.mean().item(),
+            "objective/kl_estimate": estimate_all.mean().item(),
             "objective/kl_coef": beta,
-            "objective/entropy": masked_mean(batch.entropy, batch.mask).item(),
-            "objective/scores": raw_scores.mean().item(),
-            "objective/non_score_reward": non_score.sum(-1).mean().item(),
-            "ppo/advantages/mean": masked_mean(advantages, batch.mask).item(),
-            **({"ppo/returns/mean": masked_mean(returns, batch.mask).item()} if returns is not None else {}),
+            "objective/entropy": token_mean(batch.entropy),
+            "objective/scores": scores_all.mean().item(),
+            "objective/non_score_reward": non_score_all.mean().item(),
+            "ppo/advantages/mean": token_mean(advantages),
+            **({"ppo/returns/mean": token_mean(returns),  # how well the rollout-time values predicted the returns
+                "ppo/val/var_explained": explained_variance(batch.values, returns, batch.mask, g.all_reduce).item()}
+               if returns is not None else {}),
             "ppo/learning_rate": self.scheduler.get_last_lr()[0],
-            "tokens/response_len_mean": batch.mask.sum(-1).mean().item(),
-            "tokens/eos_rate": eos_rate(batch.response_ids, batch.mask, self.eos_token_ids),
-            "rollout/support_flips": float(self.support_flips),
+            "tokens/response_len_mean": length_all.mean().item(),
+            "tokens/eos_rate": process_sum(eos_rate(batch.response_ids, batch.mask, self.eos_token_ids)) / g.num,
+            "rollout/support_flips": process_sum(float(self.support_flips)),
             **train_stats,
             "time/score": t_score - t0,
             "time/optimise": t_optimise,
             "time/step": time.perf_counter() - t0,
         }
-        warn_if_negative_kl(estimate_per_seq, self.step_count)
+        warn_if_negative_kl(estimate_all, self.step_count)
         self.faults.record(train_stats["faults/skipped_minibatches"] > 0, "a minibatch loss or gradient was nan/inf",
                            self.step_count)
         stats["faults/skipped_steps"] = float(self.faults.skipped_steps)
@@ -261,14 +283,15 @@ class RLTrainer:
                                      f"one prompt, but query {i} differs from query {start}")
 
     def _skip_step(self, raw_scores: Tensor) -> dict[str, float]:
-        """A nan/inf score: no update at all this step (the weights are untouched)."""
-        bad = (~torch.isfinite(raw_scores)).nonzero().flatten().tolist()
-        why = f"the reward was {raw_scores[bad[0]].item()} for completion(s) {bad}"
+        """A nan/inf score (on any process): no update at all this step (the weights are untouched)."""
+        all_scores = self.ranks.gather(raw_scores.to(self.device))  # rows numbered over the global batch
+        bad = (~torch.isfinite(all_scores)).nonzero().flatten().tolist()
+        why = f"the reward was {all_scores[bad[0]].item()} for completion(s) {bad}"
         warnings.warn(f"step {self.step_count + 1} skipped: {why}", stacklevel=3)
         self.step_count += 1
         self._last_kl_per_seq = [math.nan] * len(raw_scores)
         self.faults.record(True, why, self.step_count)
-        finite = raw_scores[torch.isfinite(raw_scores)]
+        finite = all_scores[torch.isfinite(all_scores)]
         return {"env/reward_mean": finite.mean().item() if len(finite) else math.nan, "objective/kl": math.nan,
                 "objective/kl_coef": self.kl_ctl.value, "faults/skipped_steps": float(self.faults.skipped_steps)}
 
@@ -282,29 +305,45 @@ class RLTrainer:
                              "or the PPOTrainer arguments)")
         self._maybe_resume()
         history = []
-        with RunLogger(c, total=c.steps, start=self.step_count) as run:
+        g = self.ranks  # several processes: each generates and scores its rows; the main process writes
+        with RunLogger(c, total=c.steps, start=self.step_count) if g.is_main else nullcontext(_NoLog()) as run:
             while self.step_count < c.steps:
                 t0 = time.perf_counter()
                 indices = [i for i in self._next_prompt_indices() for _ in range(c.num_generations)]
+                indices = indices[g.rank * self.local_batch:(g.rank + 1) * self.local_batch]
                 prompts = [self.prompts[i] for i in indices]
                 gen = self.generate([self.encoded_prompts[i] for i in indices])  # 1
                 t_gen = time.perf_counter() - t0
                 scores = score_batch(self.reward, prompts, gen.texts)  # 2
                 stats = self.step(gen.queries, gen.responses, scores)  # 3-7
-                n_tokens = sum(len(r) for r in gen.responses)
+                n_tokens = len(torch.cat(g.gather_lists(gen.responses)))
                 stats.update({"time/generate": t_gen, "time/step": time.perf_counter() - t0,
                               "throughput/tokens_per_s": n_tokens / (time.perf_counter() - t0)})
-                run.log(self.step_count, stats, prompts, gen.texts, scores, self._last_kl_per_seq)
+                logged = (prompts, gen.texts, [float(x) for x in scores], self._last_kl_per_seq)
+                run.log(self.step_count, stats, *(g.gather_lists(x) for x in logged))
                 history.append(stats)
                 if self.step_count == c.steps or (c.checkpoint_every and self.step_count % c.checkpoint_every == 0):
                     self.save_checkpoint()
-            self.save(Path(c.output_dir) / "policy")
-        build_report(c.output_dir)
+            if g.is_main:
+                self.save(Path(c.output_dir) / "policy")
+        if g.is_main:
+            build_report(c.output_dir)
+        g.wait()
         return history
 
     def save_checkpoint(self) -> Path:
-        return save_checkpoint(Path(self.config.output_dir) / "checkpoints", self.step_count, self.trainable,
-                               capture_state(self), keep=self.config.keep_checkpoints)
+        """On several processes: every process must call it (it gathers each one's random state); the main
+        process writes."""
+        g = self.ranks
+        state = {**capture_state(self), "num_processes": g.num}
+        if g.num > 1:
+            state["rng_per_rank"] = g.gather_lists([state["rng"]])
+        root = Path(self.config.output_dir) / "checkpoints"
+        path = root / f"step-{self.step_count:08d}"
+        if g.is_main:
+            path = save_checkpoint(root, self.step_count, self.trainable, state, keep=self.config.keep_checkpoints)
+        g.wait()
+        return path
 
     def _maybe_resume(self) -> None:
         c = self.config
@@ -318,7 +357,14 @@ class RLTrainer:
             if c.resume is True:
                 raise ValueError(f"resume=true but {c.output_dir!r} holds no checkpoint to resume from")
             return
-        restore_state(self, load_checkpoint(checkpoints[-1], self.trainable))
+        state = load_checkpoint(checkpoints[-1], self.trainable)
+        if state.get("num_processes", 1) != self.ranks.num:
+            raise ValueError(f"cannot resume: {checkpoints[-1]} was written by {state.get('num_processes', 1)} "
+                             f"process(es), this run has {self.ranks.num}; every process's random state is in the "
+                             f"checkpoint, so resume with the same number")
+        if "rng_per_rank" in state:
+            state["rng"] = state["rng_per_rank"][self.ranks.rank]
+        restore_state(self, state)
         log.info("resumed from %s at step %d", checkpoints[-1], self.step_count)
 
     def save(self, directory: str | Path) -> None:
@@ -344,10 +390,18 @@ class RLTrainer:
 
     def _logits_and_values(self, q_ids: Tensor, q_mask: Tensor, r_ids: Tensor) -> tuple[Tensor, Tensor | None]:
         with self.autocast():
-            logits, values = self.policy(q_ids, q_mask, r_ids)
-            if self.critic is not None:
-                values = self.critic(q_ids, q_mask, r_ids)
+            logits, values = self.policy_forward(q_ids, q_mask, r_ids)
+            if self.critic_forward is not None:
+                values = self.critic_forward(q_ids, q_mask, r_ids)
         return logits, values
+
+    def _wrapped(self) -> list[nn.Module]:
+        return [m for m in (self.policy_forward, self.critic_forward) if m is not None]
+
+    @property
+    def _per_process(self) -> str:
+        n = self.ranks.num
+        return "" if n == 1 else f" / {n} processes = {self.local_batch} per process"
 
     # ---- internals ------------------------------------------------------------------------
     @torch.no_grad()
@@ -358,7 +412,7 @@ class RLTrainer:
         r_ids, r_len_mask = (t.to(self.device) for t in right_pad(responses, pad))
         mask = response_mask(r_ids, self.eos_token_ids) * r_len_mask
         parts = []
-        micro = self.config.minibatch_size // self.config.gradient_accumulation_steps
+        micro = self.local_minibatch // self.config.gradient_accumulation_steps
         for idx in torch.arange(len(queries), device=self.device).split(micro):
             logits, values = self._logits_and_values(q_ids[idx], q_mask[idx], r_ids[idx])
             if values is None:
@@ -401,7 +455,8 @@ class RLTrainer:
         totals: dict[str, float] = {}
         outcomes = {"ok": 0, "fault": 0, "ratio": 0}
         for _ in range(c.ppo_epochs):
-            for mb in minibatches(c.batch_size, c.minibatch_size, self.shuffle_generator):
+            for mb in rank_minibatches(self.local_batch, self.local_minibatch, self.shuffle_generator,
+                                       self.ranks.rank, self.ranks.num):
                 outcomes[self._update(b, mb.to(self.device), advantages, returns, beta, totals)] += 1
         stats = {k: v / max(outcomes["ok"], 1) for k, v in totals.items()}
         stats["ppo/loss/policy"] = stats.pop("ppo/policy/loss", math.nan)
@@ -418,34 +473,43 @@ class RLTrainer:
 
     def _update(self, b: Scored, mb: Tensor, advantages: Tensor, returns: Tensor | None, beta: float,
                 totals: dict) -> str:
-        """One optimiser step on minibatch `mb`; micro-batches accumulate to the minibatch's token-mean loss
-        exactly (each micro-batch's loss is weighted by its share of the tokens). Returns ok / fault / ratio."""
+        """One optimiser step on minibatch `mb` (this process's rows of it); micro-batches accumulate to the
+        global minibatch's token-mean loss exactly: each micro-batch's loss is weighted by its share of the
+        minibatch's tokens on all processes (times the process count, which DDP's gradient mean divides out).
+        Every skip is decided on all processes together. Returns ok / fault / ratio."""
         c = self.config
-        tokens = b.mask[mb].sum()
+        g = self.ranks
+        tokens = g.all_reduce(b.mask[mb].sum())
         self.optimizer.zero_grad(set_to_none=True)
-        stats: dict[str, float] = {}
-        for j in mb.split(c.minibatch_size // c.gradient_accumulation_steps):
-            logits, vpred = self._logits_and_values(b.query_ids[j], b.query_mask[j], b.response_ids[j])
-            scores = self._replay(logits, b.query_ids[j], b.query_mask[j], b.response_ids[j])
-            new_logprobs = self._sampled_logprobs(logits, scores, b.response_ids[j], b.flipped[j])
-            share = (b.mask[j].sum() / tokens).item()
-            loss, parts = policy_loss(new_logprobs, b.logprobs[j], advantages[j], b.mask[j], c.cliprange, share)
-            parts = {"ppo/policy/": parts}
-            if returns is not None:
-                vf, parts["ppo/val/"] = value_loss(vpred, b.values[j], returns[j], b.mask[j], c.cliprange_value,
-                                                   share)
-                loss = loss + c.vf_coef * vf
-            if c.kl_in_loss:
-                kl = masked_mean(self.estimator.fn(new_logprobs, b.ref_logprobs[j]), b.mask[j])
-                loss = loss + beta * share * kl
-                parts["ppo/kl_loss/"] = {"loss": kl.detach()}
-            if not torch.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                return "fault"
-            loss.backward()
+        stats: dict[str, Tensor] = {}
+        micro = mb.split(self.local_minibatch // c.gradient_accumulation_steps)
+        for n, j in enumerate(micro):
+            share = b.mask[j].sum() / tokens
+            scale = (share * g.num).item()
+            with g.no_sync(self._wrapped() if n < len(micro) - 1 else ()):
+                logits, vpred = self._logits_and_values(b.query_ids[j], b.query_mask[j], b.response_ids[j])
+                scores = self._replay(logits, b.query_ids[j], b.query_mask[j], b.response_ids[j])
+                new_logprobs = self._sampled_logprobs(logits, scores, b.response_ids[j], b.flipped[j])
+                loss, parts = policy_loss(new_logprobs, b.logprobs[j], advantages[j], b.mask[j], c.cliprange, scale)
+                parts = {"ppo/policy/": parts}
+                if returns is not None:
+                    vf, parts["ppo/val/"] = value_loss(vpred, b.values[j], returns[j], b.mask[j], c.cliprange_value,
+                                                       scale)
+                    loss = loss + c.vf_coef * vf
+                if c.kl_in_loss:
+                    kl = masked_mean(self.estimator.fn(new_logprobs, b.ref_logprobs[j]), b.mask[j])
+                    loss = loss + beta * scale * kl
+                    parts["ppo/kl_loss/"] = {"loss": kl.detach()}
+                if g.any(not torch.isfinite(loss)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    return "fault"
+                loss.backward()
             for prefix, st in parts.items():
                 for k, v in st.items():
-                    stats[prefix + k] = stats.get(prefix + k, 0.0) + share * v.item()
+                    stats[prefix + k] = stats.get(prefix + k, 0.0) + share * v
+        names = sorted(stats)  # token-weighted means over the global minibatch: one sum over processes
+        summed = g.all_reduce(torch.stack([stats[k].to(self.device, torch.float64) for k in names]))
+        stats = dict(zip(names, summed.tolist()))
         max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
         grad_norm, *critic_norm = (torch.nn.utils.clip_grad_norm_(group, max_norm) for group in self.clip_groups)
         if not all(torch.isfinite(n) for n in (grad_norm, *critic_norm)):  # clipping leaves nan/inf as they are
@@ -466,8 +530,8 @@ class RLTrainer:
     def _process_scores(self, scores: Tensor) -> Tensor:
         c = self.config
         scores = scores * c.score_scale
-        if c.score_norm:
-            self.score_moments.update(scores)
+        if c.score_norm:  # the same statistics on every process: from all processes' scores
+            self.score_moments.update(self.ranks.gather(scores.to(self.device)))
             scores = (scores - self.score_moments.mean) / max(self.score_moments.std, 1e-8)
         if c.score_clip is not None:
             scores = scores.clamp(-c.score_clip, c.score_clip)
@@ -538,3 +602,10 @@ def trainer_class(algorithm: str) -> type[RLTrainer]:
 
     module, name = TRAINERS[algorithm].split(":")
     return getattr(importlib.import_module(module), name)
+
+
+class _NoLog:
+    """The run logger of a process other than the main one."""
+
+    def log(self, *args) -> None:
+        pass

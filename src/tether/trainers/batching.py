@@ -22,8 +22,3 @@ def right_pad(seqs: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
     for i, s in enumerate(seqs):
         ids[i, :len(s)], mask[i, :len(s)] = s, 1
     return ids, mask
-
-
-def minibatches(batch_size: int, minibatch_size: int, generator: torch.Generator) -> list[Tensor]:
-    """A fresh random partition of range(batch_size) into minibatches."""
-    return list(torch.randperm(batch_size, generator=generator).split(minibatch_size))

@@ -18,6 +18,6 @@ class PPOTrainer(RLTrainer):
         c = self.config
         rewards, non_score = shape_rewards(scores, batch.kl, batch.mask, kl_coef)
         if c.whiten_rewards:
-            rewards = masked_whiten(rewards, batch.mask, shift_mean=False)
+            rewards = masked_whiten(rewards, batch.mask, shift_mean=False, all_reduce=self.ranks.all_reduce)
         advantages, returns = gae(rewards, batch.values, batch.mask, c.gamma, c.lam)
         return advantages, returns, non_score

@@ -20,7 +20,7 @@ class ReinforcePPTrainer(RLTrainer):
             scores = group_centred(scores, c.num_generations)
         rewards, non_score = shape_rewards(scores, batch.kl, batch.mask, kl_coef)
         if c.whiten_rewards:
-            rewards = masked_whiten(rewards, batch.mask, shift_mean=False)
+            rewards = masked_whiten(rewards, batch.mask, shift_mean=False, all_reduce=self.ranks.all_reduce)
         # GAE with V = 0 and lambda = 1 is exactly the discounted return-to-go: one copy of the recursion.
         returns_to_go, _ = gae(rewards, torch.zeros_like(rewards), batch.mask, c.gamma, 1.0)
         return returns_to_go, None, non_score

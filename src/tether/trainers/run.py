@@ -36,7 +36,7 @@ class RunLogger:
         every, n = self.config.samples_every, self.config.samples_per_step
         if every and (step % every == 0 or step == 1):
             rows = [{"prompt": p, "completion": c, "score": float(s), "kl": float(k)}
-                    for p, c, s, k in list(zip(prompts, completions, scores.tolist(), kl_per_seq))[:n]]
+                    for p, c, s, k in list(zip(prompts, completions, [float(x) for x in scores], kl_per_seq))[:n]]
             self.samples.log(rows, step)
         self.bar.set_postfix(reward=f"{stats['env/reward_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}",
                              tok_s=f"{stats.get('throughput/tokens_per_s', math.nan):.0f}")
