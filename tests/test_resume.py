@@ -118,3 +118,27 @@ def test_fresh_start_over_checkpoints_is_refused_and_resume_needs_one(setup, tmp
     assert main(no_auto + ["--output_dir", str(run), "--steps", "3", "--resume", "--learning_rate", "1e-4"]) == 2
     assert "cannot resume: the config differs from the checkpoint's in learning_rate: 0.003 -> 0.0001" in \
         capsys.readouterr().err
+
+
+def test_a_kill_while_pruning_never_leaves_a_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """Pruning renames a checkpoint out of the listed names before deleting it: a kill in the middle of the
+    delete (simulated by an rmtree that removes one file, then dies) leaves only complete checkpoints listed."""
+    root = tmp_path / "checkpoints"
+    module = torch.nn.Linear(2, 2)
+    for step in (1, 2):
+        ckpt.save_checkpoint(root, step, module, {"step": step}, keep=2)
+    real_rmtree = ckpt.shutil.rmtree
+
+    def dying_rmtree(path, ignore_errors=False):
+        files = sorted(Path(path).glob("*")) if Path(path).exists() else []
+        if files:
+            files[0].unlink()
+            raise KeyboardInterrupt("killed while deleting")
+        return real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", dying_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(root, 3, module, {"step": 3}, keep=2)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000002", "step-00000003"]
+    assert_checkpoints_readable(tmp_path)

@@ -2,7 +2,8 @@
 
 Written as `checkpoints/.tmp-step-N/` (every file fsynced), renamed to `checkpoints/step-N/` in one
 `os.rename`, the folder fsynced; only then are older checkpoints removed. A kill at any moment leaves the
-previous complete checkpoint in place and at most a `.tmp-*` folder that is never read.
+previous complete checkpoint in place and at most a `.tmp-*` folder that is never read. Old checkpoints are
+renamed to `.trash-*` before they are deleted, so no half-deleted checkpoint is ever listed either.
 """
 
 import os
@@ -40,12 +41,21 @@ def save_checkpoint(root: Path, step: int, policy: torch.nn.Module, state: dict,
     for path in (tmp / WEIGHTS, tmp / STATE, tmp):
         _fsync(path)
     if final.exists():  # the same step written again (e.g. end of a run that just checkpointed)
-        shutil.rmtree(final)
+        _remove(final)
     os.rename(tmp, final)
     _fsync(root)
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint so that a kill at any moment never leaves a half-deleted `step-N` behind: first one
+    rename out of the listed names, then the slow part."""
+    trash = checkpoint.with_name(f".trash-{checkpoint.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(checkpoint, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
