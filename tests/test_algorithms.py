@@ -196,3 +196,22 @@ def test_ppo_with_kl_in_loss_runs(tmp_path):
     gen = trainer.generate(PROMPTS[:4])
     stats = trainer.step(gen.queries, gen.responses, [0.0, 1.0, 0.0, 1.0])
     assert stats["objective/non_score_reward"] == 0.0 and "ppo/loss/value" in stats and "ppo/loss/kl" in stats
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"algorithm": "grpo", "gamma": 0.9}, "gamma=0.9 does nothing for grpo"),
+    ({"algorithm": "rloo", "whiten_rewards": True}, "whiten_rewards=True does nothing for rloo"),
+    ({"algorithm": "reinforce++", "lam": 0.9}, "lam=0.9 does nothing for reinforce\\+\\+"),
+    ({"kl_in_loss": True, "kl_estimator": "kl"}, "the expected gradient of k1 is zero"),
+])
+def test_keys_an_algorithm_cannot_use_are_refused(keys, message):
+    with pytest.raises(ValueError, match=message):
+        PPOConfig(**keys)
+
+
+def test_a_bf16_checkpoint_is_trained_in_fp32(tmp_path):
+    tok = make_tokenizer()
+    make_model(len(tok)).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tok.save_pretrained(tmp_path / "bf16")
+    trainer = PPOTrainer(PPOConfig(model=str(tmp_path / "bf16"), output_dir=str(tmp_path / "run")))
+    assert {p.dtype for p in trainer.trainable.parameters()} == {torch.float32}

@@ -3,7 +3,7 @@
 Every value is checked once, at construction; a config is never changed after that.
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 import torch
@@ -148,8 +148,6 @@ class PPOConfig:
     disabled: no second copy of the weights."""
     lora_alpha: float = 16.0
     """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA input (kept 0 by default: dropout makes the PPO ratio noisy)."""
     lora_target_modules: list[str] | None = None
     """Module names to adapt (default: every linear layer except the output head)."""
     gradient_checkpointing: bool = False
@@ -216,8 +214,7 @@ def _errors(c: PPOConfig):
                  "lora_alpha"):
         positive(name)
     for name in ("min_new_tokens", "top_k", "no_repeat_ngram_size", "init_kl_coef", "vf_coef", "weight_decay",
-                 "max_grad_norm", "warmup_steps", "samples_every", "score_scale", "checkpoint_every", "lora_r",
-                 "lora_dropout"):
+                 "max_grad_norm", "warmup_steps", "samples_every", "score_scale", "checkpoint_every", "lora_r"):
         non_negative(name)
     in_unit("top_p", low_open=True)
     in_unit("gamma", low_open=False)
@@ -264,10 +261,18 @@ def _algorithm_errors(c: PPOConfig) -> list[str]:
                         "use k3 (the default there), kl or mse")
     if c.critic != "shared" and c.algorithm != "ppo":
         problems.append(f"critic={c.critic!r}: only ppo uses a critic; {c.algorithm} is critic-free")
-    if c.critic == "reward" and not c.reward:
-        problems.append("critic=reward needs `reward` set to a reward-model folder")
-    if c.lora_dropout >= 1:
-        problems.append(f"lora_dropout={c.lora_dropout!r} must be < 1")
+    if c.kl_in_loss and c.kl_estimator in ("kl", "k1"):
+        problems.append(f"kl_in_loss with kl_estimator={c.kl_estimator}: the expected gradient of k1 is zero (the "
+                        f"score function has mean zero), so it would not hold the policy; use k3 (the default "
+                        f"there) or mse")
+    if c.algorithm in ("grpo", "rloo"):  # one advantage per completion: the per-token keys have nothing to act on
+        defaults = {f.name: f.default for f in fields(PPOConfig)}
+        for key in ("whiten_rewards", "gamma", "lam"):
+            if getattr(c, key) != defaults[key]:
+                problems.append(f"{key}={getattr(c, key)!r} does nothing for {c.algorithm}, whose advantage is one "
+                                f"number per completion; leave it unset")
+    if c.algorithm == "reinforce++" and c.lam != 0.95:
+        problems.append(f"lam={c.lam!r} does nothing for reinforce++ (returns-to-go, no critic); leave it unset")
     return problems
 
 

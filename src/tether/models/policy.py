@@ -15,13 +15,14 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 def load_causal_lm(model: str | PreTrainedModel) -> PreTrainedModel:
-    """A hub name or local folder -> AutoModelForCausalLM; a module is returned as is."""
+    """A hub name or local folder -> AutoModelForCausalLM in float32 (trained weights and AdamW state stay fp32,
+    whatever dtype the folder stores; bf16 is autocast, see `precision`); a module is returned as is."""
     if isinstance(model, nn.Module):
         return _check_positions(model)
     if not model:
         raise ValueError("no policy model given: set `model` to a hub name or a local folder")
     try:
-        return _check_positions(AutoModelForCausalLM.from_pretrained(model))
+        return _check_positions(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32))
     except (OSError, ValueError) as err:
         raise ValueError(f"could not load model {model!r} with AutoModelForCausalLM: {err}") from err
 
@@ -130,7 +131,7 @@ class Critic(nn.Module):
         """The body and score head of a causal-LM reward model folder (AutoModelForSequenceClassification,
         one label): its values start out on the reward's scale."""
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(folder)
+            model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
         except (OSError, ValueError) as err:
             raise ValueError(f"critic: could not load {folder!r} as a sequence-classification model: {err}") from err
         if not _is_causal(model.base_model):

@@ -574,7 +574,8 @@ def _add_lora(lm, c: PPOConfig):
         from peft import LoraConfig, get_peft_model
     except ImportError as err:
         raise ImportError("lora_r > 0 needs PEFT: pip install 'tether[peft]'") from err
-    lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, bias="none",
+    # No LoRA dropout: tether keeps modules in eval mode (dropout would make the PPO ratio noisy).
+    lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=0.0, bias="none",
                       target_modules=c.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
     try:
         peft_model = get_peft_model(lm, lora)
