@@ -34,8 +34,9 @@ from tether.models.policy import (
     response_forward,
 )
 from tether.models.rewards import resolve_reward, score_batch
-from tether.ops import entropy_from_logits, gather_logprobs, get_estimator, kl_full, masked_mean, masked_whiten
+from tether.ops import gather_logprobs, get_estimator, masked_mean, masked_whiten
 from tether.ops.kl_control import AdaptiveKLController, FixedKLController
+from tether.ops.logprobs import token_stats
 from tether.ops.masks import response_mask
 from tether.ops.rewards import RunningMoments
 from tether.report import build_report
@@ -421,24 +422,23 @@ class RLTrainer:
             with self.autocast():
                 ref_logits = self._reference_forward(q_ids[idx], q_mask[idx], r_ids[idx])
             ref_scores = self.sampler.reference_scores(ref_logits)
-            flipped = ~torch.isfinite(gather_logprobs(scores, r_ids[idx])) & mask[idx].bool()
+            stats = token_stats(scores, ref_scores, r_ids[idx])  # one log-softmax per side for all four
+            flipped = ~torch.isfinite(stats.logprobs) & mask[idx].bool()
             self.support_flips += int(flipped.sum())
-            logprobs = self._sampled_logprobs(logits, scores, r_ids[idx], flipped)
-            ref_logprobs = gather_logprobs(ref_scores, r_ids[idx])
-            kl_exact = kl_full(scores, ref_scores)
-            kl = kl_exact if self.estimator.needs_logits else self.estimator.fn(logprobs, ref_logprobs)
-            parts.append((logprobs, ref_logprobs, values, kl, kl_exact, entropy_from_logits(scores), flipped))
+            logprobs = self._sampled_logprobs(logits, stats.logprobs, r_ids[idx], flipped)
+            kl = stats.kl if self.estimator.needs_logits else self.estimator.fn(logprobs, stats.ref_logprobs)
+            parts.append((logprobs, stats.ref_logprobs, values, kl, stats.kl, stats.entropy, flipped))
         # where, not multiply: after-EOS padding can score -inf under top-k replay, and -inf * 0 is nan
         *tensors, flipped = (torch.cat(p) for p in zip(*parts))
         logprobs, ref_logprobs, values, kl, kl_exact, entropy = (torch.where(mask.bool(), t, 0.0) for t in tensors)
         values = values if self.uses_critic else None
         return Scored(q_ids, q_mask, r_ids, mask, logprobs, ref_logprobs, values, kl, kl_exact, entropy, flipped)
 
-    def _sampled_logprobs(self, logits: Tensor, scores: Tensor, r_ids: Tensor, flipped: Tensor) -> Tensor:
-        """log pi(a_t | s_t) under the processed scores. A token sampled right at a top-k / top-p boundary can
-        land outside the replayed support by float round-off (cached vs teacher-forced forward): it is scored
-        untruncated instead of -inf, at rollout time and in every update alike, so its ratio starts at 1."""
-        logprobs = gather_logprobs(scores, r_ids)
+    def _sampled_logprobs(self, logits: Tensor, logprobs: Tensor, r_ids: Tensor, flipped: Tensor) -> Tensor:
+        """log pi(a_t | s_t) under the processed scores (`logprobs`). A token sampled right at a top-k / top-p
+        boundary can land outside the replayed support by float round-off (cached vs teacher-forced forward): it
+        is scored untruncated instead of -inf, at rollout time and in every update alike, so its ratio starts
+        at 1."""
         if flipped.any():
             logprobs = torch.where(flipped, gather_logprobs(self.sampler.reference_scores(logits), r_ids), logprobs)
         return logprobs
@@ -489,7 +489,8 @@ class RLTrainer:
             with g.no_sync(self._wrapped() if n < len(micro) - 1 else ()):
                 logits, vpred = self._logits_and_values(b.query_ids[j], b.query_mask[j], b.response_ids[j])
                 scores = self._replay(logits, b.query_ids[j], b.query_mask[j], b.response_ids[j])
-                new_logprobs = self._sampled_logprobs(logits, scores, b.response_ids[j], b.flipped[j])
+                new_logprobs = self._sampled_logprobs(logits, gather_logprobs(scores, b.response_ids[j]),
+                                                      b.response_ids[j], b.flipped[j])
                 loss, parts = policy_loss(new_logprobs, b.logprobs[j], advantages[j], b.mask[j], c.cliprange, scale)
                 parts = {"ppo/policy/": parts}
                 if returns is not None:
@@ -510,8 +511,7 @@ class RLTrainer:
         names = sorted(stats)  # token-weighted means over the global minibatch: one sum over processes
         summed = g.all_reduce(torch.stack([stats[k].to(self.device, torch.float64) for k in names]))
         stats = dict(zip(names, summed.tolist()))
-        max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
-        grad_norm, *critic_norm = (torch.nn.utils.clip_grad_norm_(group, max_norm) for group in self.clip_groups)
+        grad_norm, *critic_norm = (_clip(group, c.max_grad_norm) for group in self.clip_groups)
         if not all(torch.isfinite(n) for n in (grad_norm, *critic_norm)):  # clipping leaves nan/inf as they are
             self.optimizer.zero_grad(set_to_none=True)
             return "fault"
@@ -610,3 +610,12 @@ class _NoLog:
 
     def log(self, *args) -> None:
         pass
+
+
+def _clip(params: list[Tensor], max_norm: float) -> Tensor:
+    """The gradients' global norm, scaling them down to max_norm only when it is exceeded (0: never).
+    torch's clip_grad_norm_ multiplies every gradient by 1 even when nothing is clipped."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if max_norm > 0 and norm > max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
