@@ -78,7 +78,7 @@ def sample(
     finished = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
     tokens, logps = [], []
     for t in range(max_new_tokens):
-        scores = sampler.step_scores(out.logits[:, -1], ids, mask, t)  # (B, V)
+        scores = sampler.step_scores(out.logits[:, -1].float(), ids, mask, t)  # (B, V) fp32, as replayed
         logp_all = torch.log_softmax(scores, dim=-1)
         token = draw(logp_all, generator)  # (B, 1)
         logps.append(logp_all.gather(-1, token))
