@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 
 import torch
-from workloads import WORKLOADS, load_inputs, token_share
+from workloads import WORKLOADS, token_share
 
 TOTALS: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
@@ -103,17 +103,11 @@ def main() -> None:
         CLOCK[0] = time.thread_time
     install()
     w = WORKLOADS[args.workload]
-    from tether import PPOConfig
-    from tether.demo import vader_reward
-    from tether.trainers.ppo import PPOTrainer
+    from run_tether import workload_trainer
 
-    path, prompt_ids, _ = load_inputs(w.name, "tether")
-    config = PPOConfig(model=str(path), output_dir=str(path.parent / "tether-profile"), seed=w.seed,
-                       steps=args.steps + 1, batch_size=w.batch_size, minibatch_size=w.minibatch_size,
-                       ppo_epochs=w.ppo_epochs, gradient_accumulation_steps=1, learning_rate=w.learning_rate,
-                       init_kl_coef=w.init_kl_coef, adaptive_kl=False, max_new_tokens=w.max_new_tokens,
-                       temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=0, max_grad_norm=1.0)
-    trainer = PPOTrainer(config)
+    from tether.demo import vader_reward
+
+    trainer, prompt_ids, _ = workload_trainer(w, args.steps, "tether-profile")
     queries = [torch.tensor(q) for q in prompt_ids]
 
     def one_step() -> float:

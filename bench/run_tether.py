@@ -25,6 +25,20 @@ def param_counts(model) -> tuple[int, int]:
     return body, head.numel()
 
 
+def workload_trainer(w, steps: int, run_name: str):
+    """tether's PPOTrainer for workload `w` (its prepared model and prompt ids) -> (trainer, prompt ids, meta)."""
+    from tether import PPOConfig
+    from tether.trainers.ppo import PPOTrainer
+
+    path, prompt_ids, meta = load_inputs(w.name, "tether")
+    config = PPOConfig(model=str(path), output_dir=str(path.parent / run_name), seed=w.seed,
+                       steps=steps + 1, batch_size=w.batch_size, minibatch_size=w.minibatch_size,
+                       ppo_epochs=w.ppo_epochs, gradient_accumulation_steps=1, learning_rate=w.learning_rate,
+                       init_kl_coef=w.init_kl_coef, adaptive_kl=False, max_new_tokens=w.max_new_tokens,
+                       temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=0, max_grad_norm=1.0)
+    return PPOTrainer(config), prompt_ids, meta
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("workload", choices=WORKLOADS)
@@ -32,17 +46,9 @@ def main() -> None:
     args = parser.parse_args()
     w = WORKLOADS[args.workload]
     import tether
-    from tether import PPOConfig
     from tether.demo import vader_reward
-    from tether.trainers.ppo import PPOTrainer
 
-    path, prompt_ids, meta = load_inputs(w.name, "tether")
-    config = PPOConfig(model=str(path), output_dir=str(path.parent / "tether-run"), seed=w.seed,
-                       steps=args.steps + 1, batch_size=w.batch_size, minibatch_size=w.minibatch_size,
-                       ppo_epochs=w.ppo_epochs, gradient_accumulation_steps=1, learning_rate=w.learning_rate,
-                       init_kl_coef=w.init_kl_coef, adaptive_kl=False, max_new_tokens=w.max_new_tokens,
-                       temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=0, max_grad_norm=1.0)
-    trainer = PPOTrainer(config)
+    trainer, prompt_ids, meta = workload_trainer(w, args.steps, "tether-run")
     checksum = logits_checksum(trainer.policy.model, prompt_ids)
     queries = [torch.tensor(q) for q in prompt_ids]
     body, head = param_counts(trainer.policy.model)
