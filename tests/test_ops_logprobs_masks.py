@@ -224,15 +224,16 @@ def test_masked_whiten_keep_mean_hand_values():
     close(w, [[-0.8728715609 + 7 / 3, -0.2182178902 + 7 / 3, 0.0], [1.0910894512 + 7 / 3, 0.0, 0.0]])
 
 
+def _values_and_masks(max_width: int, min_rows: int, max_rows: int, mask_rows: int):
+    """(rows of floats, rows of 0/1), every row of one width in 2..max_width."""
+    return st.integers(2, max_width).flatmap(lambda t: st.tuples(
+        st.lists(st.lists(st.floats(-50.0, 50.0), min_size=t, max_size=t), min_size=min_rows, max_size=max_rows),
+        st.lists(st.lists(st.integers(0, 1), min_size=t, max_size=t), min_size=mask_rows, max_size=mask_rows),
+    ))
+
+
 @settings(max_examples=100, deadline=None)
-@given(
-    data=st.integers(2, 6).flatmap(
-        lambda t: st.tuples(
-            st.lists(st.lists(st.floats(-50.0, 50.0), min_size=t, max_size=t), min_size=1, max_size=4),
-            st.lists(st.lists(st.integers(0, 1), min_size=t, max_size=t), min_size=4, max_size=4),
-        )
-    )
-)
+@given(data=_values_and_masks(max_width=6, min_rows=1, max_rows=4, mask_rows=4))
 def test_masked_whiten_property(data):
     xs, ms = data
     x = torch.tensor(xs, dtype=torch.float64)
@@ -313,15 +314,7 @@ def test_all_reduce_keeps_bf16_counts_exact():
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    data=st.integers(2, 5).flatmap(
-        lambda t: st.tuples(
-            st.lists(st.lists(st.floats(-50.0, 50.0), min_size=t, max_size=t), min_size=3, max_size=6),
-            st.lists(st.lists(st.integers(0, 1), min_size=t, max_size=t), min_size=6, max_size=6),
-        )
-    ),
-    n_ranks=st.integers(2, 3),
-)
+@given(data=_values_and_masks(max_width=5, min_rows=3, max_rows=6, mask_rows=6), n_ranks=st.integers(2, 3))
 def test_all_reduce_split_equals_whole_property(data, n_ranks):
     xs, ms = data
     x = torch.tensor(xs, dtype=torch.float64)
