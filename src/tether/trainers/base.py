@@ -42,11 +42,14 @@ from tether.ops.rewards import RunningMoments
 from tether.report import build_report
 from tether.rollout import Sampler, sample
 from tether.trainers.batching import left_pad, right_pad
-from tether.trainers.checkpoint import capture_state, list_checkpoints, load_checkpoint, restore_state, save_checkpoint
+from tether.trainers.checkpoint import maybe_resume, write_checkpoint
 from tether.trainers.guards import FaultCounter, warn_if_negative_kl
 from tether.trainers.run import RunLogger
 from tether.trainers.setup import (
+    add_lora,
+    autocast_dtype,
     check_token_rows,
+    clip_if_needed,
     eos_ids,
     eos_rate,
     load_tokenizer,
@@ -103,7 +106,7 @@ class RLTrainer:
                                                              c.gradient_accumulation_steps, c.num_generations)
         self.device = self.ranks.device or torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
-        self.autocast_dtype = _autocast_dtype(c.precision, self.device)
+        self.autocast_dtype = autocast_dtype(c.precision, self.device)
         seed_everything(c.seed)
         self.tokenizer = load_tokenizer(tokenizer, model if model is not None else c.model)
         self.prompts = load_prompts(prompts if prompts is not None else c.prompts, c.prompt_column) \
@@ -115,7 +118,7 @@ class RLTrainer:
         self.vocab_size = lm.get_output_embeddings().out_features
         critic = self._build_critic(lm, reward)  # before LoRA: a policy-initialised critic copies the plain body
         if c.lora_r:
-            self.peft, self.ref = _add_lora(lm, c), None
+            self.peft, self.ref = add_lora(lm, c), None
         else:
             self.peft = None
             self.ref = frozen_reference(load_causal_lm(ref_model).to(self.device) if ref_model is not None else lm)
@@ -333,40 +336,11 @@ class RLTrainer:
         return history
 
     def save_checkpoint(self) -> Path:
-        """On several processes: every process must call it (it gathers each one's random state); the main
-        process writes."""
-        g = self.ranks
-        state = {**capture_state(self), "num_processes": g.num}
-        if g.num > 1:
-            state["rng_per_rank"] = g.gather_lists([state["rng"]])
-        root = Path(self.config.output_dir) / "checkpoints"
-        path = root / f"step-{self.step_count:08d}"
-        if g.is_main:
-            path = save_checkpoint(root, self.step_count, self.trainable, state, keep=self.config.keep_checkpoints)
-        g.wait()
-        return path
+        """On several processes every process must call it (it gathers each one's random state)."""
+        return write_checkpoint(self)
 
     def _maybe_resume(self) -> None:
-        c = self.config
-        checkpoints = list_checkpoints(Path(c.output_dir) / "checkpoints")
-        if c.resume is False:
-            if checkpoints:
-                raise ValueError(f"output_dir {c.output_dir!r} holds checkpoints of an earlier run (latest: "
-                                 f"{checkpoints[-1].name}); pass --resume to continue it, or choose a new output_dir")
-            return
-        if not checkpoints:
-            if c.resume is True:
-                raise ValueError(f"resume=true but {c.output_dir!r} holds no checkpoint to resume from")
-            return
-        state = load_checkpoint(checkpoints[-1], self.trainable)
-        if state.get("num_processes", 1) != self.ranks.num:
-            raise ValueError(f"cannot resume: {checkpoints[-1]} was written by {state.get('num_processes', 1)} "
-                             f"process(es), this run has {self.ranks.num}; every process's random state is in the "
-                             f"checkpoint, so resume with the same number")
-        if "rng_per_rank" in state:
-            state["rng"] = state["rng_per_rank"][self.ranks.rank]
-        restore_state(self, state)
-        log.info("resumed from %s at step %d", checkpoints[-1], self.step_count)
+        maybe_resume(self)
 
     def save(self, directory: str | Path) -> None:
         """The policy as a folder AutoModelForCausalLM loads (LoRA merged in; the adapter alone in
@@ -511,7 +485,7 @@ class RLTrainer:
         names = sorted(stats)  # token-weighted means over the global minibatch: one sum over processes
         summed = g.all_reduce(torch.stack([stats[k].to(self.device, torch.float64) for k in names]))
         stats = dict(zip(names, summed.tolist()))
-        grad_norm, *critic_norm = (_clip(group, c.max_grad_norm) for group in self.clip_groups)
+        grad_norm, *critic_norm = (clip_if_needed(group, c.max_grad_norm) for group in self.clip_groups)
         if not all(torch.isfinite(n) for n in (grad_norm, *critic_norm)):  # clipping leaves nan/inf as they are
             self.optimizer.zero_grad(set_to_none=True)
             return "fault"
@@ -557,33 +531,6 @@ class RLTrainer:
         return ids
 
 
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "fp32":
-        return None
-    supported = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" and supported else None
-    if not supported:
-        raise ValueError(f"precision=bf16 but {device} does not support bfloat16; use precision=fp32 or auto")
-    return torch.bfloat16
-
-
-def _add_lora(lm, c: PPOConfig):
-    """Wrap `lm` in place with LoRA adapters (PEFT) and freeze its own weights; returns the PeftModel."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as err:
-        raise ImportError("lora_r > 0 needs PEFT: pip install 'tether[peft]'") from err
-    # No LoRA dropout: tether keeps modules in eval mode (dropout would make the PPO ratio noisy).
-    lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=0.0, bias="none",
-                      target_modules=c.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
-    try:
-        peft_model = get_peft_model(lm, lora)
-    except ValueError as err:
-        raise ValueError(f"lora_target_modules={c.lora_target_modules!r}: {err}") from err
-    return peft_model.eval()
-
-
 def sequence_advantages(batch: Scored, scores: Tensor, kl_coef: float, baseline) -> tuple[Tensor, None, Tensor]:
     """For the group estimators (grpo, rloo): sequence reward = score - kl_coef * sum_t KL_t, `baseline` maps
     the (B,) rewards to (B,) advantages, and each completion's advantage goes on every one of its tokens."""
@@ -610,12 +557,3 @@ class _NoLog:
 
     def log(self, *args) -> None:
         pass
-
-
-def _clip(params: list[Tensor], max_norm: float) -> Tensor:
-    """The gradients' global norm, scaling them down to max_norm only when it is exceeded (0: never).
-    torch's clip_grad_norm_ multiplies every gradient by 1 even when nothing is clipped."""
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if max_norm > 0 and norm > max_norm:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm

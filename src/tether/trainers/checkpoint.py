@@ -6,6 +6,7 @@ previous complete checkpoint in place and at most a `.tmp-*` folder that is neve
 renamed to `.trash-*` before they are deleted, so no half-deleted checkpoint is ever listed either.
 """
 
+import logging
 import os
 import random
 import re
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+log = logging.getLogger("tether")
 _NAME = re.compile(r"^step-(\d{8})$")
 WEIGHTS, STATE = "policy.safetensors", "trainer_state.pt"
 
@@ -128,3 +130,43 @@ def restore_state(trainer, state: dict) -> None:
     trainer.sample_generator.set_state(rng["sample"])
     trainer.shuffle_generator.set_state(rng["shuffle"])
     trainer.data_generator.set_state(rng["data"])
+
+
+def write_checkpoint(trainer) -> Path:
+    """The trainer's checkpoint at its current step. On several processes every process must call it: each
+    one's random state is gathered into the checkpoint, and the main process writes it."""
+    g = trainer.ranks
+    state = {**capture_state(trainer), "num_processes": g.num}
+    if g.num > 1:
+        state["rng_per_rank"] = g.gather_lists([state["rng"]])
+    root = Path(trainer.config.output_dir) / "checkpoints"
+    path = root / f"step-{trainer.step_count:08d}"
+    if g.is_main:
+        path = save_checkpoint(root, trainer.step_count, trainer.trainable, state, keep=trainer.config.keep_checkpoints)
+    g.wait()
+    return path
+
+
+def maybe_resume(trainer) -> None:
+    """Continue from the latest checkpoint in output_dir as `resume` says (true, auto, false); refuse a fresh run
+    into a folder that holds one, and a resume with another number of processes."""
+    c = trainer.config
+    checkpoints = list_checkpoints(Path(c.output_dir) / "checkpoints")
+    if c.resume is False:
+        if checkpoints:
+            raise ValueError(f"output_dir {c.output_dir!r} holds checkpoints of an earlier run (latest: "
+                             f"{checkpoints[-1].name}); pass --resume to continue it, or choose a new output_dir")
+        return
+    if not checkpoints:
+        if c.resume is True:
+            raise ValueError(f"resume=true but {c.output_dir!r} holds no checkpoint to resume from")
+        return
+    state = load_checkpoint(checkpoints[-1], trainer.trainable)
+    if state.get("num_processes", 1) != trainer.ranks.num:
+        raise ValueError(f"cannot resume: {checkpoints[-1]} was written by {state.get('num_processes', 1)} "
+                         f"process(es), this run has {trainer.ranks.num}; every process's random state is in the "
+                         f"checkpoint, so resume with the same number")
+    if "rng_per_rank" in state:
+        state["rng"] = state["rng_per_rank"][trainer.ranks.rank]
+    restore_state(trainer, state)
+    log.info("resumed from %s at step %d", checkpoints[-1], trainer.step_count)

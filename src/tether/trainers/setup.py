@@ -82,3 +82,40 @@ def make_adamw(params, **kwargs) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, fused=True, **kwargs)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(params, **kwargs)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device` (None: no autocast)."""
+    if precision == "fp32":
+        return None
+    supported = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and supported else None
+    if not supported:
+        raise ValueError(f"precision=bf16 but {device} does not support bfloat16; use precision=fp32 or auto")
+    return torch.bfloat16
+
+
+def add_lora(lm, c):
+    """Wrap `lm` in place with LoRA adapters (PEFT) and freeze its own weights; returns the PeftModel."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise ImportError("lora_r > 0 needs PEFT: pip install 'tether[peft]'") from err
+    # No LoRA dropout: tether keeps modules in eval mode (dropout would make the PPO ratio noisy).
+    lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=0.0, bias="none",
+                      target_modules=c.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
+    try:
+        peft_model = get_peft_model(lm, lora)
+    except ValueError as err:
+        raise ValueError(f"lora_target_modules={c.lora_target_modules!r}: {err}") from err
+    return peft_model.eval()
+
+
+def clip_if_needed(params: list[Tensor], max_norm: float) -> Tensor:
+    """The gradients' global norm, scaling them down to max_norm only when it is exceeded (0: never).
+    torch's clip_grad_norm_ multiplies every gradient by 1 even when nothing is clipped."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if max_norm > 0 and norm > max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
