@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                 from tether.trainers import trainer_class
 
                 trainer = trainer_class(config.algorithm)(config)
-            _summary(config.output_dir, trainer.train())
+            history = trainer.train()
+            if trainer.ranks.is_main:  # one summary, not one per process
+                _summary(config.output_dir, history)
     except (ValueError, TypeError, FileNotFoundError, ImportError, RewardError, TrainingHalted) as err:
         # Errors about the user's input end in one clear line; anything else keeps its traceback.
         print(f"tether {args.command}: error: {err}", file=sys.stderr)

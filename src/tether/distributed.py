@@ -153,6 +153,12 @@ class Ranks:
             from accelerate.utils import DistributedType
 
             self.accelerator = Accelerator(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
+            world = int(os.environ["WORLD_SIZE"])
+            if self.accelerator.num_processes != world:
+                raise ValueError(f"launched as {world} processes, but Accelerate sees "
+                                 f"{self.accelerator.num_processes}; "
+                                 f"on a machine without a GPU set ACCELERATE_USE_CPU=true (or device=cpu), or every "
+                                 f"process would train on its own copy of the whole batch")
             kind = self.accelerator.distributed_type
             if kind not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.NO):
                 raise ValueError(f"tether runs data-parallel (DDP) on several processes; distributed_type={kind.value} "
