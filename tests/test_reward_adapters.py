@@ -184,3 +184,24 @@ def test_ppo_uses_a_yaml_spec_with_a_reward_model_and_a_function(tmp_path):
     history = trainer.train()
     assert len(history) == 2
     assert trainer.reward.state_dict()["0"]["inner"]["count"] == 8  # normaliser saw both steps' 4 scores
+
+
+def test_ppo_checkpoint_round_trips_the_reward_specs_normaliser(tmp_path):
+    """A resumed run's reward normalises with the statistics the interrupted run had gathered, not from zero."""
+    spec = tmp_path / "rewards.yaml"
+    spec.write_text(yaml.safe_dump({"components": [{"reward": "rewards_for_tests:count_good", "normalize": True}]}))
+    tok = make_tokenizer()
+
+    def trainer(steps, resume):
+        cfg = PPOConfig(steps=steps, batch_size=4, minibatch_size=2, max_new_tokens=5, reward=str(spec),
+                        checkpoint_every=1, resume=resume, output_dir=str(tmp_path / "run"))
+        return PPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok, prompts=["the movie", "i", "a", "we"])
+
+    first = trainer(2, False)
+    first.train()
+    saved = first.reward.state_dict()
+    assert saved["0"]["count"] == 8
+    resumed = trainer(3, True)
+    assert resumed.reward.state_dict()["0"]["count"] == 0  # fresh before resuming
+    resumed._maybe_resume()
+    assert resumed.reward.state_dict() == saved
