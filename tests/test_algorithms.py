@@ -217,3 +217,18 @@ def test_a_bf16_checkpoint_is_trained_in_fp32(tmp_path):
     tok.save_pretrained(tmp_path / "bf16")
     trainer = PPOTrainer(PPOConfig(model=str(tmp_path / "bf16"), output_dir=str(tmp_path / "run")))
     assert {p.dtype for p in trainer.trainable.parameters()} == {torch.float32}
+
+
+def test_kl_in_loss_ignores_padding_after_eos_even_under_top_k(tmp_path):
+    """After-EOS padding is outside the mask, but under top-k its replayed log-prob is -inf: the loss's KL term
+    must not see it (exp(inf) * 0 is nan, which would skip every update)."""
+    tok = make_tokenizer()
+    cfg = PPOConfig(algorithm="grpo", batch_size=4, num_generations=2, minibatch_size=4, max_new_tokens=6, top_k=2,
+                    output_dir=str(tmp_path))
+    trainer = GRPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok)
+    gen = trainer.generate(["the movie was"] * 2 + ["i really"] * 2)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    responses = [torch.tensor([r[0].item(), eos]) for r in gen.responses[:2]] + gen.responses[2:]
+    responses[0] = torch.cat([responses[0], torch.tensor([pad, pad, pad])])  # padding the sampler never drew
+    stats = trainer.step(gen.queries, responses, [0.0, 1.0, 1.0, 0.0])
+    assert stats["faults/skipped_minibatches"] == 0 and stats["ppo/loss/kl"] == stats["ppo/loss/kl"]

@@ -472,7 +472,9 @@ class RLTrainer:
                                                        scale)
                     loss = loss + c.vf_coef * vf
                 if c.kl_in_loss:
-                    kl = masked_mean(self.estimator.fn(new_logprobs, b.ref_logprobs[j]), b.mask[j])
+                    # where, not multiply: after-EOS padding may replay to -inf (top-k), and exp(inf) * 0 is nan
+                    inside = torch.where(b.mask[j].bool(), new_logprobs, b.ref_logprobs[j])
+                    kl = masked_mean(self.estimator.fn(inside, b.ref_logprobs[j]), b.mask[j])
                     loss = loss + beta * scale * kl
                     parts["ppo/kl_loss/"] = {"loss": kl.detach()}
                 if g.any(not torch.isfinite(loss)):
