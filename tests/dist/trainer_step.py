@@ -16,6 +16,7 @@ B = 8
 CONFIGS = {
     "ppo": {"algorithm": "ppo", "whiten_rewards": True, "score_norm": True},
     "grpo": {"algorithm": "grpo", "num_generations": 2, "kl_in_loss": True, "init_kl_coef": 0.3},
+    "ppo_lora_critic": {"algorithm": "ppo", "lora_r": 2, "critic": "policy", "gradient_checkpointing": True},
 }
 
 
