@@ -9,12 +9,11 @@ Attention score FLOPs, the value head and the optimiser update are left out (sma
 Divided by time/optimise (the PPO epochs alone; median over the timed steps) it gives the GFLOP/s compare.py sets against matmul.py.
 """
 
-import argparse
 import time
 
 import torch
 from torch import nn
-from workloads import WORKLOADS, emit, load_inputs, logits_checksum, mean, progress, summary, token_share
+from workloads import emit, load_inputs, logits_checksum, mean, progress, runner_args, summary, token_share
 
 
 def param_counts(model) -> tuple[int, int]:
@@ -40,20 +39,16 @@ def workload_trainer(w, steps: int, run_name: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("workload", choices=WORKLOADS)
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
-    w = WORKLOADS[args.workload]
+    w, steps = runner_args()
     import tether
     from tether.demo import vader_reward
 
-    trainer, prompt_ids, meta = workload_trainer(w, args.steps, "tether-run")
+    trainer, prompt_ids, meta = workload_trainer(w, steps, "tether-run")
     checksum = logits_checksum(trainer.policy.model, prompt_ids)
     queries = [torch.tensor(q) for q in prompt_ids]
     body, head = param_counts(trainer.policy.model)
     timings, tokens, rewards, flops = [], [], [], []
-    for step in range(args.steps + 1):
+    for step in range(steps + 1):
         t0, c0 = time.perf_counter(), time.process_time()
         gen = trainer.generate(queries)
         t1 = time.perf_counter()

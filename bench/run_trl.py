@@ -5,20 +5,25 @@ as run_tether.py. TRL generates the whole batch in one `generate` call (its defa
 One untimed warm-up step, then --steps timed steps of generate -> reward -> step. Prints one RESULT line.
 """
 
-import argparse
 import time
 import warnings
 
 import torch
-from workloads import WORKLOADS, emit, load_inputs, logits_checksum, mean, progress, summary, token_share, vader
+from workloads import (
+    emit,
+    load_inputs,
+    logits_checksum,
+    mean,
+    progress,
+    runner_args,
+    summary,
+    token_share,
+    vader,
+)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("workload", choices=WORKLOADS)
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
-    w = WORKLOADS[args.workload]
+    w, steps = runner_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     import trl
     from transformers import AutoTokenizer, set_seed
@@ -37,7 +42,7 @@ def main() -> None:
                          "max_new_tokens": w.max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
     queries = [torch.tensor(q) for q in prompt_ids]
     timings, tokens, rewards = [], [], []
-    for step in range(args.steps + 1):
+    for step in range(steps + 1):
         t0, c0 = time.perf_counter(), time.process_time()
         responses = trainer.generate(queries, batch_size=len(queries), return_prompt=False, **generation_kwargs)
         t1 = time.perf_counter()

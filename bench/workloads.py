@@ -5,6 +5,7 @@ The prepared inputs (model folders, prompt token ids) live in bench/results/<wor
 prepare.py; both sides read the same token ids, so nothing depends on two tokenizer versions agreeing.
 """
 
+import argparse
 import json
 import resource
 import sys
@@ -35,6 +36,15 @@ WORKLOADS = {
     "b": Workload("b", batch_size=16, minibatch_size=4, max_new_tokens=24, reward="vader"),
 }
 REWARD_TOKEN = 7  # workload (a): the reward is the share of this token id among the response tokens
+
+
+def runner_args() -> tuple["Workload", int]:
+    """The command line both side runners take: WORKLOAD [--steps N] -> (workload, timed steps)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workload", choices=WORKLOADS)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    return WORKLOADS[args.workload], args.steps
 
 
 def folder(workload: str) -> Path:

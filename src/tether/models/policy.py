@@ -96,10 +96,11 @@ class PolicyWithValueHead(nn.Module):
                                           hidden=self.value_head is not None)
         return logits, None if hidden is None else self.value_head(hidden.float()).squeeze(-1)
 
-    def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
-        """A folder `AutoModelForCausalLM.from_pretrained` loads; the value head sits beside it."""
+    def save_pretrained(self, directory: str | Path, tokenizer=None, model: PreTrainedModel | None = None) -> None:
+        """A folder `AutoModelForCausalLM.from_pretrained` loads; the value head sits beside it. `model` stands in
+        for the policy's own (e.g. a copy with LoRA merged in)."""
         directory = Path(directory)
-        self.model.save_pretrained(directory)
+        (model if model is not None else self.model).save_pretrained(directory)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         if self.value_head is not None:
@@ -158,6 +159,24 @@ class Critic(nn.Module):
         directory = Path(directory)
         self.body.save_pretrained(directory)
         save_value_head(self.head, directory)
+
+
+def build_critic(kind: str, lm: PreTrainedModel, reward, tokenizer, device) -> Critic | None:
+    """The `critic` config key -> None (shared: a head on the policy), a copy of the policy's body (policy), or
+    the body and head of a causal reward-model folder (reward: the `reward` given; or a path)."""
+    if kind == "shared":
+        return None
+    if kind == "policy":
+        return Critic.from_policy(lm).to(device).eval()
+    folder = reward if kind == "reward" else kind
+    if not isinstance(folder, (str, Path)):
+        raise ValueError("critic=reward needs the reward to be a reward-model folder, not a callable")
+    from transformers import AutoTokenizer
+
+    if AutoTokenizer.from_pretrained(folder).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"critic: {folder!r} has a different tokenizer than the policy; a critic reads the "
+                         f"policy's token ids, so it must share the policy's vocabulary")
+    return Critic.from_reward_model(str(folder)).to(device).eval()
 
 
 @torch.no_grad()

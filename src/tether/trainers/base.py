@@ -25,8 +25,8 @@ from tether.data import load_prompts
 from tether.distributed import Ranks, check_sizes, rank_minibatches, rank_seed
 from tether.losses.ppo import explained_variance, policy_loss, value_loss
 from tether.models.policy import (
-    Critic,
     PolicyWithValueHead,
+    build_critic,
     context_length,
     enable_gradient_checkpointing,
     frozen_reference,
@@ -116,7 +116,8 @@ class RLTrainer:
 
         lm = load_causal_lm(model if model is not None else c.model).to(self.device).eval()
         self.vocab_size = lm.get_output_embeddings().out_features
-        critic = self._build_critic(lm, reward)  # before LoRA: a policy-initialised critic copies the plain body
+        # before LoRA: a policy-initialised critic copies the plain body
+        critic = build_critic(c.critic, lm, reward, self.tokenizer, self.device) if self.uses_critic else None
         if c.lora_r:
             self.peft, self.ref = add_lora(lm, c), None
         else:
@@ -161,22 +162,6 @@ class RLTrainer:
         self.step_count = 0
         self.support_flips = 0  # sampled tokens that replay put outside the sampler's support (round-off)
         self.faults = FaultCounter(c.max_faults_in_row)
-
-    def _build_critic(self, lm, reward) -> Critic | None:
-        c = self.config
-        if not self.uses_critic or c.critic == "shared":
-            return None
-        if c.critic == "policy":
-            return Critic.from_policy(lm).to(self.device).eval()
-        folder = c.critic if c.critic != "reward" else (reward if reward is not None else c.reward)
-        if not isinstance(folder, (str, Path)):
-            raise ValueError("critic=reward needs the reward to be a reward-model folder, not a callable")
-        from transformers import AutoTokenizer
-
-        if AutoTokenizer.from_pretrained(folder).get_vocab() != self.tokenizer.get_vocab():
-            raise ValueError(f"critic: {folder!r} has a different tokenizer than the policy; a critic reads the "
-                             f"policy's token ids, so it must share the policy's vocabulary")
-        return Critic.from_reward_model(str(folder)).to(self.device).eval()
 
     def autocast(self):
         """bf16 autocast for forward passes when `precision` says so; a no-op in fp32."""
@@ -320,11 +305,12 @@ class RLTrainer:
                 t_gen = time.perf_counter() - t0
                 scores = score_batch(self.reward, prompts, gen.texts)  # 2
                 stats = self.step(gen.queries, gen.responses, scores)  # 3-7
-                n_tokens = len(torch.cat(g.gather_lists(gen.responses)))
+                rows = g.gather_lists(list(zip(prompts, gen.texts, map(float, scores), self._last_kl_per_seq,
+                                               map(len, gen.responses))))  # every process's rollouts, once
+                *logged, lengths = zip(*rows)
                 stats.update({"time/generate": t_gen, "time/step": time.perf_counter() - t0,
-                              "throughput/tokens_per_s": n_tokens / (time.perf_counter() - t0)})
-                logged = (prompts, gen.texts, [float(x) for x in scores], self._last_kl_per_seq)
-                run.log(self.step_count, stats, *(g.gather_lists(x) for x in logged))
+                              "throughput/tokens_per_s": sum(lengths) / (time.perf_counter() - t0)})
+                run.log(self.step_count, stats, *logged)
                 history.append(stats)
                 if self.step_count == c.steps or (c.checkpoint_every and self.step_count % c.checkpoint_every == 0):
                     self.save_checkpoint()
@@ -350,9 +336,8 @@ class RLTrainer:
             self.policy.save_pretrained(directory, self.tokenizer)
         else:
             self.peft.save_pretrained(directory / "adapter")
-            merged = PolicyWithValueHead(copy.deepcopy(self.peft).merge_and_unload(), value_head=False)
-            merged.value_head = self.policy.value_head
-            merged.save_pretrained(directory, self.tokenizer)
+            merged = copy.deepcopy(self.peft).merge_and_unload()
+            self.policy.save_pretrained(directory, self.tokenizer, model=merged)
         if self.critic is not None:
             self.critic.save_pretrained(directory / "critic")
 
@@ -390,8 +375,6 @@ class RLTrainer:
         micro = self.local_minibatch // self.config.gradient_accumulation_steps
         for idx in torch.arange(len(queries), device=self.device).split(micro):
             logits, values = self._logits_and_values(q_ids[idx], q_mask[idx], r_ids[idx])
-            if values is None:
-                values = torch.zeros(r_ids[idx].shape, device=self.device)
             scores = self._replay(logits, q_ids[idx], q_mask[idx], r_ids[idx])
             with self.autocast():
                 ref_logits = self._reference_forward(q_ids[idx], q_mask[idx], r_ids[idx])
@@ -403,9 +386,9 @@ class RLTrainer:
             kl = stats.kl if self.estimator.needs_logits else self.estimator.fn(logprobs, stats.ref_logprobs)
             parts.append((logprobs, stats.ref_logprobs, values, kl, stats.kl, stats.entropy, flipped))
         # where, not multiply: after-EOS padding can score -inf under top-k replay, and -inf * 0 is nan
-        *tensors, flipped = (torch.cat(p) for p in zip(*parts))
-        logprobs, ref_logprobs, values, kl, kl_exact, entropy = (torch.where(mask.bool(), t, 0.0) for t in tensors)
-        values = values if self.uses_critic else None
+        *tensors, flipped = (torch.cat(p) if p[0] is not None else None for p in zip(*parts))
+        logprobs, ref_logprobs, values, kl, kl_exact, entropy = (
+            None if t is None else torch.where(mask.bool(), t, 0.0) for t in tensors)
         return Scored(q_ids, q_mask, r_ids, mask, logprobs, ref_logprobs, values, kl, kl_exact, entropy, flipped)
 
     def _sampled_logprobs(self, logits: Tensor, logprobs: Tensor, r_ids: Tensor, flipped: Tensor) -> Tensor:
@@ -465,6 +448,8 @@ class RLTrainer:
                 scores = self._replay(logits, b.query_ids[j], b.query_mask[j], b.response_ids[j])
                 new_logprobs = self._sampled_logprobs(logits, gather_logprobs(scores, b.response_ids[j]),
                                                       b.response_ids[j], b.flipped[j])
+                # Nothing below sees padding: after EOS it may replay to -inf (top-k), and exp(inf) * 0 is nan.
+                new_logprobs = torch.where(b.mask[j].bool(), new_logprobs, b.logprobs[j])
                 loss, parts = policy_loss(new_logprobs, b.logprobs[j], advantages[j], b.mask[j], c.cliprange, scale)
                 parts = {"ppo/policy/": parts}
                 if returns is not None:
@@ -472,9 +457,7 @@ class RLTrainer:
                                                        scale)
                     loss = loss + c.vf_coef * vf
                 if c.kl_in_loss:
-                    # where, not multiply: after-EOS padding may replay to -inf (top-k), and exp(inf) * 0 is nan
-                    inside = torch.where(b.mask[j].bool(), new_logprobs, b.ref_logprobs[j])
-                    kl = masked_mean(self.estimator.fn(inside, b.ref_logprobs[j]), b.mask[j])
+                    kl = masked_mean(self.estimator.fn(new_logprobs, b.ref_logprobs[j]), b.mask[j])
                     loss = loss + beta * scale * kl
                     parts["ppo/kl_loss/"] = {"loss": kl.detach()}
                 if g.any(not torch.isfinite(loss)):
