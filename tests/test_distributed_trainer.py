@@ -15,17 +15,24 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "dist"))
-from trainer_step import CONFIGS, run  # noqa: E402
+from trainer_step import CASES, run  # noqa: E402
+
+LAUNCH = {"ddp": "cpu_2proc.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml"}
 
 
-def _launch(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+def _launch(args: list[str], tmp: Path, kind: str = "ddp") -> subprocess.CompletedProcess:
+    """`accelerate launch` with the example config for `kind`, 2 processes on this machine's CPU."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("ACCELERATE_USE_CPU", None)
+    if kind == "ddp":  # DeepSpeed finds the CPU itself (gloo); Accelerate's DDP must be told
+        env["ACCELERATE_USE_CPU"] = "true"
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-           str(ROOT / "examples/accelerate/cpu_2proc.yaml"), "--main_process_port", str(port), *args]
+           str(ROOT / "examples/accelerate" / LAUNCH[kind]), "--num_processes", "2", "--main_process_port", str(port),
+           *args]
     proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -33,33 +40,51 @@ def _launch(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def two_process(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist-step")
-    _launch([str(ROOT / "tests/dist/trainer_step.py"), str(out)], out)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    """kind -> both processes' results of tests/dist/trainer_step.py, launched once per kind."""
+    done = {}
+
+    def results(kind: str) -> list[dict]:
+        if kind not in done:
+            out = tmp_path_factory.mktemp(f"dist-step-{kind}")
+            _launch([str(ROOT / "tests/dist/trainer_step.py"), str(out), kind], out, kind)
+            done[kind] = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+        return done[kind]
+
+    return results
 
 
 COMPARED = ["ppo/loss/policy", "ppo/loss/total", "ppo/policy/ratio_mean", "ppo/policy/clipfrac", "ppo/policy/approxkl",
             "ppo/grad_norm", "objective/kl", "objective/kl_estimate", "objective/entropy", "objective/non_score_reward",
             "env/reward_mean", "env/reward_std", "ppo/advantages/mean", "tokens/response_len_mean", "tokens/eos_rate"]
+TYPES = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
+PAIRS = [(kind, name) for kind in sorted(CASES) for name in CASES[kind]]
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_two_process_update_equals_one_process_update(two_process, name, tmp_path):
+@pytest.mark.parametrize("kind,name", PAIRS)
+def test_two_process_update_equals_one_process_update(two_process, kind, name, tmp_path):
     one = run(name, tmp_path, rank=0, num=1)
     keys = COMPARED + (["ppo/loss/value", "ppo/val/var_explained", "ppo/returns/mean"] if name.startswith("ppo")
                        else ["ppo/loss/kl"]) + (["ppo/critic_grad_norm"] if "critic" in name else [])
-    for res in two_process:
-        assert res["distributed_type"].endswith("MULTI_CPU")
+    if "critic" in name and kind != "ddp":  # DeepSpeed has one norm over the policy and the critic together
+        keys = [k for k in keys if not k.endswith("grad_norm")]
+    for res in two_process(kind):
+        assert res["distributed_type"].endswith(TYPES[kind])
         for k in keys:
             assert abs(res[name]["stats"][k] - one["stats"][k]) < 1e-5, (k, res[name]["stats"][k], one["stats"][k])
         for k, w in one["weights"].items():  # every process ends with the single process's weights
             torch.testing.assert_close(res[name]["weights"][k], w, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_a_nan_score_on_one_process_skips_the_step_on_both(two_process, name):
-    for res in two_process:
-        assert res[name]["skipped"]["faults/skipped_steps"] == 1
+@pytest.mark.parametrize("kind,name", PAIRS)
+def test_skips_are_taken_on_every_process_and_leave_the_weights(two_process, kind, name):
+    """A nan loss on one process (after another micro-batch's backward), a ratio over the threshold, and a
+    nan score on one process: each is skipped everywhere, and no weight moves."""
+    for res in two_process(kind):
+        assert res[name]["faulted"]["faults/skipped_minibatches"] == 2  # 2 epochs of 1 minibatch
+        assert res[name]["faulted"]["faults/skipped_steps"] == 1
+        assert res[name]["over_ratio"]["ppo/skipped_ratio_minibatches"] == 2
+        assert res[name]["skipped_updates_unchanged"]
+        assert res[name]["skipped"]["faults/skipped_steps"] == 2
         assert res[name]["unchanged_after_skip"]
 
 
@@ -110,3 +135,27 @@ def test_two_process_tether_ppo_learns_like_one_process_and_resumes(run_files):
     _launch(["-m", "tether.cli", "ppo", *_flags(run_files, "two", 33), "--resume"], run_files)
     assert len(_rewards(two)) == 33
     assert [p.name for p in (two / "checkpoints").iterdir()] == ["step-00000033"]
+
+
+@pytest.mark.slow
+def test_zero3_tether_ppo_learns_resumes_and_saves_a_whole_model(run_files):
+    """ZeRO-3 shards every parameter: generation runs in lockstep, checkpoints are DeepSpeed's shards, and the
+    final policy is gathered into a folder transformers loads."""
+    from transformers import AutoModelForCausalLM
+
+    _launch(["-m", "tether.cli", "ppo", *_flags(run_files, "zero3", 30)], run_files, "zero3")
+    run_dir = run_files / "zero3"
+    rewards = _rewards(run_dir)
+    assert len(rewards) == 30
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2, rewards
+    checkpoint = run_dir / "checkpoints" / "step-00000030"
+    assert (checkpoint / "engine").is_dir() and not (checkpoint / "policy.safetensors").exists()
+    start = AutoModelForCausalLM.from_pretrained(run_files / "model")
+    trained = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
+    for (name, a), b in zip(start.named_parameters(), trained.parameters()):
+        assert a.shape == b.shape and torch.isfinite(b).all(), name
+    assert any(not torch.equal(a, b) for a, b in zip(start.parameters(), trained.parameters()))
+
+    _launch(["-m", "tether.cli", "ppo", *_flags(run_files, "zero3", 33), "--resume"], run_files, "zero3")
+    assert len(_rewards(run_dir)) == 33
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000033"]

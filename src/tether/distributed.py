@@ -13,6 +13,8 @@ order, or the run hangs.
 """
 
 from collections.abc import Callable, Collection, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -131,6 +133,15 @@ def rank_minibatches(local_batch: int, local_minibatch: int, generator: torch.Ge
     return list(perms[rank].split(local_minibatch))
 
 
+def clip_if_needed(params: list[Tensor], max_norm: float) -> Tensor:
+    """The gradients' global norm, scaling them down to max_norm only when it is exceeded (0: never).
+    torch's clip_grad_norm_ multiplies every gradient by 1 even when nothing is clipped."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if max_norm > 0 and norm > max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """Seed for a per-process random stream (sampling, dropout); rank 0 keeps `seed`, so a one-process run
     samples as before. Streams that must agree across ranks (prompt order, minibatch partition) use `seed`."""
@@ -142,39 +153,152 @@ class Ranks:
 
     One process (no launcher): every collective is the identity and nothing touches accelerate's global state.
     Launched on N > 1 processes (`accelerate launch`, torchrun): an `Accelerator` owns the process group and
-    wraps the trained modules in DistributedDataParallel."""
+    wraps the trained module, in DistributedDataParallel or in a DeepSpeed ZeRO engine (stage 1, 2 or 3).
+
+    The optimiser step goes through here too (`backward`, `step`, `discard`): DeepSpeed keeps the gradients in
+    its own shards, clips them itself and takes the step inside its engine."""
 
     def __init__(self, cpu: bool) -> None:
         import os
 
         self.accelerator = None
+        self.engine = None  # the DeepSpeed engine, once `prepare` made it
+        self.zero_stage = 0  # 0: no DeepSpeed
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import Accelerator
-            from accelerate.utils import DistributedType
-
-            self.accelerator = Accelerator(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
-            world = int(os.environ["WORLD_SIZE"])
-            if self.accelerator.num_processes != world:
-                raise ValueError(f"launched as {world} processes, but Accelerate sees "
-                                 f"{self.accelerator.num_processes}; "
-                                 f"on a machine without a GPU set ACCELERATE_USE_CPU=true (or device=cpu), or every "
-                                 f"process would train on its own copy of the whole batch")
-            kind = self.accelerator.distributed_type
-            if kind not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.NO):
-                raise ValueError(f"tether runs data-parallel (DDP) on several processes; distributed_type={kind.value} "
-                                 f"(DeepSpeed, FSDP, ...) is not supported yet. See docs/distributed.md")
+            self._start(cpu)
         self.num = self.accelerator.num_processes if self.accelerator else 1
         self.rank = self.accelerator.process_index if self.accelerator else 0
         self.is_main = self.rank == 0
         self.all_reduce: AllReduce = sum_all_reduce(self.accelerator) if self.accelerator else _identity
 
+    def _start(self, cpu: bool) -> None:
+        import os
+
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+        deepspeed = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+        handlers = []
+        if deepspeed and not torch.cuda.is_available():
+            # Accelerate pairs DeepSpeed with a GPU backend only; on CPU it runs on gloo (DeepSpeed's CPU fallback).
+            handlers = [InitProcessGroupKwargs(backend="gloo")]
+        self.accelerator = Accelerator(cpu=(cpu or parse_flag_from_env("ACCELERATE_USE_CPU")) and not deepspeed,
+                                       kwargs_handlers=handlers)
+        world = int(os.environ["WORLD_SIZE"])
+        if self.accelerator.num_processes != world:
+            raise ValueError(f"launched as {world} processes, but Accelerate sees {self.accelerator.num_processes}; "
+                             f"on a machine without a GPU set ACCELERATE_USE_CPU=true (or device=cpu), or every "
+                             f"process would train on its own copy of the whole batch")
+        kind = self.accelerator.distributed_type
+        if deepspeed and kind != DistributedType.DEEPSPEED:
+            raise ValueError(f"the launch asks for DeepSpeed but Accelerate set up {kind.value}: is deepspeed "
+                             f"installed? (ACCELERATE_USE_CPU=true also turns DeepSpeed off; leave it unset)")
+        if kind not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.NO,
+                        DistributedType.DEEPSPEED):
+            raise ValueError(f"tether runs on several processes with DDP or DeepSpeed ZeRO; distributed_type="
+                             f"{kind.value} (FSDP, ...) is not supported yet. See docs/distributed.md")
+        if kind == DistributedType.DEEPSPEED:
+            if self.accelerator.mixed_precision != "no":
+                raise ValueError(f"DeepSpeed with mixed_precision={self.accelerator.mixed_precision} would keep the "
+                                 f"weights in half precision; tether keeps fp32 weights and autocasts the forward "
+                                 f"passes. Launch with --mixed_precision no and set precision: bf16 in the config")
+            self.zero_stage = int(self.accelerator.state.deepspeed_plugin.zero_stage)
+
     @property
     def device(self) -> torch.device | None:
         return self.accelerator.device if self.accelerator else None
 
-    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        """DDP around a trained module (itself with one process); call its forward through what this returns."""
-        return self.accelerator.prepare_model(module) if self.accelerator else module
+    @property
+    def sharded(self) -> bool:
+        """Parameters split over the processes (ZeRO-3): every forward pass gathers them, so all processes must
+        run the same forward passes, generation steps included."""
+        return self.zero_stage == 3
+
+    @contextmanager
+    def whole_models(self):
+        """Models loaded inside are whole on every process. Under ZeRO-3 transformers would otherwise load them
+        sharded (through Accelerate's DeepSpeed settings), and only the trained module's engine can run those."""
+        if not self.sharded:
+            yield
+            return
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            self.accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+    def prepare(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, minibatch_size: int,
+                gradient_accumulation_steps: int, max_grad_norm: float) -> torch.nn.Module:
+        """The trained module wrapped for N processes (itself with one): call its forward through what this
+        returns. Under DeepSpeed the engine also takes over `optimizer` (its states sharded over the processes);
+        its batch sizes, accumulation and clipping are set from tether's config, whatever the launch config says."""
+        if self.accelerator is None:
+            return module
+        if not self.zero_stage:
+            return self.accelerator.prepare_model(module)
+        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        config.update(train_batch_size=minibatch_size, gradient_accumulation_steps=gradient_accumulation_steps,
+                      train_micro_batch_size_per_gpu=minibatch_size // self.num // gradient_accumulation_steps,
+                      # inf: never clip, but still compute the norm (DeepSpeed skips a step whose norm is not finite)
+                      gradient_clipping=max_grad_norm if max_grad_norm > 0 else float("inf"))
+        config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+        self.engine, _ = self.accelerator.prepare(module, optimizer)
+        return self.engine
+
+    def backward(self, loss: Tensor, last: bool) -> None:
+        """Accumulate a micro-batch's gradients; `last`: the minibatch's final micro-batch."""
+        if self.engine is None:
+            loss.backward()
+            return
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss, scale_wrt_gas=False)  # tether weights each micro-batch's loss itself
+
+    def step(self, optimizer: torch.optim.Optimizer, clip_groups: list[list[Tensor]],
+             max_norm: float) -> list[Tensor] | None:
+        """After the last micro-batch's backward: clip, then step unless a gradient norm is not finite (then the
+        gradients are dropped). -> the norms before clipping (one per clip group; under DeepSpeed a single norm
+        over every group, which it clips together), None when the step was skipped."""
+        if self.engine is None:
+            norms = [clip_if_needed(group, max_norm) for group in clip_groups]
+            if not all(torch.isfinite(n) for n in norms):  # clipping leaves nan/inf as they are
+                optimizer.zero_grad(set_to_none=True)
+                return None
+            optimizer.step()
+            return norms
+        self.engine.step()  # DeepSpeed skips the step, clearing every shard, when the norm is not finite
+        norm = self.engine.get_global_grad_norm()
+        norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
+        return [norm] if torch.isfinite(norm) else None
+
+    def discard(self, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
+        """Drop the gradients accumulated in this minibatch without a step (`loss`: the current micro-batch's,
+        not yet backpropagated). DeepSpeed holds them in its own shards: a backward of the nan-poisoned loss makes
+        its overflow check skip the step and clear every shard, on every process."""
+        if self.engine is None:
+            optimizer.zero_grad(set_to_none=True)
+            return
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.backward(loss * float("nan"), scale_wrt_gas=False)
+        self.engine.step()
+
+    def gathered(self, module: torch.nn.Module):
+        """Inside: `module`'s whole parameters on every process (ZeRO-3 shards them), e.g. to save it."""
+        if not self.sharded:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
+    def save_engine(self, directory: Path) -> None:
+        """Every process writes its shard of the weights and optimiser states under `directory`."""
+        self.engine.save_checkpoint(str(directory), tag="engine", save_latest=False)
+
+    def load_engine(self, directory: Path) -> None:
+        loaded, _ = self.engine.load_checkpoint(str(directory), tag="engine", load_lr_scheduler_states=False)
+        if loaded is None:
+            raise ValueError(f"DeepSpeed found no checkpoint to load in {directory}")
 
     def gather(self, x: Tensor) -> Tensor:
         """Every process's (n, ...) tensor, concatenated in rank order (all n equal)."""
@@ -194,11 +318,10 @@ class Ranks:
         return bool(self.all_reduce(torch.tensor([float(flag)], device=self.accelerator.device)).item() > 0)
 
     def no_sync(self, modules: Sequence[torch.nn.Module]):
-        """Skip the gradient all-reduce (for all but the last micro-batch of a minibatch)."""
-        from contextlib import ExitStack
-
+        """Skip DDP's gradient all-reduce (for all but the last micro-batch of a minibatch); DeepSpeed's engine
+        is told by `backward(loss, last)` instead."""
         stack = ExitStack()
-        if self.accelerator is not None:
+        if self.accelerator is not None and self.engine is None:
             for module in modules:
                 stack.enter_context(self.accelerator.no_sync(module))
         return stack

@@ -1,7 +1,10 @@
 """Run by tests/test_distributed_trainer.py under `accelerate launch` (2 processes) and imported by it (1 process):
 the same rollouts, split by rank, through one trainer step per configuration."""
 
+import itertools
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,8 +19,13 @@ B = 8
 CONFIGS = {
     "ppo": {"algorithm": "ppo", "whiten_rewards": True, "score_norm": True},
     "grpo": {"algorithm": "grpo", "num_generations": 2, "kl_in_loss": True, "init_kl_coef": 0.3},
-    "ppo_lora_critic": {"algorithm": "ppo", "lora_r": 2, "critic": "policy", "gradient_checkpointing": True},
+    # unclipped: DeepSpeed clips the policy and a separate critic together (one norm), tether apart
+    "ppo_lora_critic": {"algorithm": "ppo", "lora_r": 2, "critic": "policy", "gradient_checkpointing": True,
+                        "max_grad_norm": 0.0},
 }
+CONFIGS["ppo_critic"] = {**CONFIGS["ppo_lora_critic"], "lora_r": 0}  # LoRA is refused on ZeRO-3
+CASES = {"ddp": ["grpo", "ppo", "ppo_lora_critic"], "zero2": ["grpo", "ppo", "ppo_lora_critic"],
+         "zero3": ["grpo", "ppo", "ppo_critic"]}
 
 
 def rollouts(tok):
@@ -36,28 +44,71 @@ def rollouts(tok):
     return queries, responses, scores
 
 
+@contextmanager
+def poisoned(trainer, rank: int, num: int):
+    """Every update's second micro-batch gets a nan loss on the last process only: every update must then be
+    skipped on all processes, the first micro-batch's gradients (already accumulated) dropped."""
+    calls = itertools.count()
+    micro_loss = trainer._micro_loss
+
+    def nan_on_second(*args):
+        loss, parts = micro_loss(*args)
+        return (loss * float("nan") if next(calls) % 2 == 1 and rank == num - 1 else loss), parts
+
+    trainer._micro_loss = nan_on_second
+    try:
+        yield
+    finally:
+        del trainer._micro_loss
+
+
+@contextmanager
+def ratio_threshold(trainer, value: float):
+    """A threshold every minibatch's mean ratio exceeds (below the config's own check of > 1)."""
+    old = trainer.config.ratio_threshold
+    object.__setattr__(trainer.config, "ratio_threshold", value)
+    try:
+        yield
+    finally:
+        object.__setattr__(trainer.config, "ratio_threshold", old)
+
+
 def run(name: str, out: Path, rank: int, num: int) -> dict:
+    """Skipped updates (a nan loss, a ratio over the threshold) must leave the weights as they are; the step
+    after them is compared with one process's; then a nan score on one process skips the whole step."""
     tok = make_tokenizer()
     cfg = PPOConfig(batch_size=B, minibatch_size=B, ppo_epochs=2, gradient_accumulation_steps=2, learning_rate=1e-2,
                     max_new_tokens=6, seed=0, output_dir=str(out / name), **CONFIGS[name])
     trainer = trainer_class(cfg.algorithm)(cfg, model=make_model(len(tok)), tokenizer=tok)
     queries, responses, scores = rollouts(tok)
     rows = slice(rank * B // num, (rank + 1) * B // num)
+
+    def weights() -> dict:
+        with trainer.ranks.gathered(trainer.trainable):  # ZeRO-3 holds a shard of each parameter
+            return {k: v.detach().cpu().clone() for k, v in trainer.trainable.state_dict().items()}
+
+    start = weights()
+    with poisoned(trainer, rank, num):
+        faulted = trainer.step(queries[rows], responses[rows], scores[rows])
+    with ratio_threshold(trainer, 0.5):
+        over_ratio = trainer.step(queries[rows], responses[rows], scores[rows])
+    skipped_updates_unchanged = all(torch.equal(start[k], v) for k, v in weights().items())
     stats = trainer.step(queries[rows], responses[rows], scores[rows])
-    weights = {k: v.detach().cpu().clone() for k, v in trainer.trainable.state_dict().items()}
+    after = weights()
     nan_scores = list(scores)
     nan_scores[B - 1] = float("nan")  # on the last process only
     with torch.no_grad():
         skipped = trainer.step(queries[rows], responses[rows], nan_scores[rows])
-    unchanged = all(torch.equal(weights[k], v.detach().cpu()) for k, v in trainer.trainable.state_dict().items())
-    return {"stats": stats, "weights": weights, "skipped": skipped, "unchanged_after_skip": unchanged}
+    unchanged = all(torch.equal(after[k], v) for k, v in weights().items())
+    return {"stats": stats, "weights": after, "skipped": skipped, "unchanged_after_skip": unchanged,
+            "faulted": faulted, "over_ratio": over_ratio, "skipped_updates_unchanged": skipped_updates_unchanged}
 
 
 if __name__ == "__main__":
     from accelerate import PartialState
 
     out = Path(sys.argv[1])
-    results = {name: run(name, out, int(__import__("os").environ["RANK"]), 2) for name in CONFIGS}
+    results = {name: run(name, out, int(os.environ["RANK"]), 2) for name in CASES[sys.argv[2]]}
     state = PartialState()
     results["distributed_type"] = str(state.distributed_type)
     torch.save(results, out / f"rank{state.process_index}.pt")

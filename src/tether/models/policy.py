@@ -161,6 +161,24 @@ class Critic(nn.Module):
         save_value_head(self.head, directory)
 
 
+class Trained(nn.Module):
+    """Everything the optimiser trains, as one module: the policy (with its value head when it has one) and a
+    separate critic when there is one. One module gives one DDP wrapper or DeepSpeed engine, and one
+    checkpoint (keys `policy.*`, `critic.*`)."""
+
+    def __init__(self, policy: PolicyWithValueHead, critic: Critic | None = None) -> None:
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+
+    def forward(self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        """-> policy logits (B, T, V), values (B, T) from the critic or the value head (None without either)."""
+        logits, values = self.policy(query_ids, query_mask, response_ids)
+        if self.critic is not None:
+            values = self.critic(query_ids, query_mask, response_ids)
+        return logits, values
+
+
 def build_critic(kind: str, lm: PreTrainedModel, reward, tokenizer, device) -> Critic | None:
     """The `critic` config key -> None (shared: a head on the policy), a copy of the policy's body (policy), or
     the body and head of a causal reward-model folder (reward: the `reward` given; or a path)."""

@@ -7,6 +7,7 @@ for instance) can slip in unseen.
 
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,10 @@ def sample(
     max_new_tokens: int,
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    all_done: Callable[[Tensor], bool] | None = None,
 ) -> Rollout:
+    """all_done(finished) -> whether to stop early (default: every row has ended); with sharded parameters
+    it must be decided over all processes, which must run the same forward passes."""
     eos = sampler.eos_token_ids.to(query_ids.device)
     cache_key = cache_kwarg(model)
     keep = {"logits_to_keep": 1} if "logits_to_keep" in forward_params(model) else {}
@@ -87,7 +91,7 @@ def sample(
         finished |= torch.isin(token[:, 0], eos)
         ids = torch.cat([ids, token], 1)
         mask = torch.cat([mask, torch.ones_like(token)], 1)
-        if finished.all() or t == max_new_tokens - 1:
+        if t == max_new_tokens - 1 or (all_done(finished) if all_done is not None else bool(finished.all())):
             break
         cache = getattr(out, cache_key)
         out = model(input_ids=token, attention_mask=mask, position_ids=next_pos + t, use_cache=True,

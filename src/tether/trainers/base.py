@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import get_scheduler
 
 from tether.config import PPOConfig
@@ -26,6 +26,7 @@ from tether.distributed import Ranks, check_sizes, rank_minibatches, rank_seed
 from tether.losses.ppo import explained_variance, policy_loss, value_loss
 from tether.models.policy import (
     PolicyWithValueHead,
+    Trained,
     build_critic,
     context_length,
     enable_gradient_checkpointing,
@@ -49,7 +50,6 @@ from tether.trainers.setup import (
     add_lora,
     autocast_dtype,
     check_token_rows,
-    clip_if_needed,
     eos_ids,
     eos_rate,
     load_tokenizer,
@@ -100,6 +100,9 @@ class RLTrainer:
             raise ValueError("with lora_r > 0 the reference is the policy with its adapters disabled; "
                              "ref_model cannot be given as well")
         self.ranks = Ranks(cpu=c.device == "cpu")
+        if c.lora_r and self.ranks.sharded:
+            raise ValueError("LoRA (lora_r > 0) with DeepSpeed ZeRO-3 is not supported yet: run LoRA on ZeRO-2, "
+                             "where the adapter's optimiser states are sharded and the frozen base is not")
         # Sizes in the config are global; this process holds local_batch rollouts and local_minibatch rows of each
         # minibatch (whole groups of num_generations each).
         self.local_batch, self.local_minibatch = check_sizes(c.batch_size, c.minibatch_size, self.ranks.num,
@@ -111,29 +114,27 @@ class RLTrainer:
         self.tokenizer = load_tokenizer(tokenizer, model if model is not None else c.model)
         self.prompts = load_prompts(prompts if prompts is not None else c.prompts, c.prompt_column) \
             if (prompts is not None or c.prompts) else None
-        reward = reward if reward is not None else c.reward
-        self.reward = resolve_reward(reward, self.device, self.local_batch) if reward is not None else None
+        # Loaded whole on every process; under ZeRO-3 the engine shards the trained module when it is prepared.
+        with self.ranks.whole_models():
+            reward = reward if reward is not None else c.reward
+            self.reward = resolve_reward(reward, self.device, self.local_batch) if reward is not None else None
 
-        lm = load_causal_lm(model if model is not None else c.model).to(self.device).eval()
-        self.vocab_size = lm.get_output_embeddings().out_features
-        # before LoRA: a policy-initialised critic copies the plain body
-        critic = build_critic(c.critic, lm, reward, self.tokenizer, self.device) if self.uses_critic else None
-        if c.lora_r:
-            self.peft, self.ref = add_lora(lm, c), None
-        else:
-            self.peft = None
-            self.ref = frozen_reference(load_causal_lm(ref_model).to(self.device) if ref_model is not None else lm)
-            ref_vocab = self.ref.get_output_embeddings().out_features
-            if ref_vocab != self.vocab_size:
-                raise ValueError(f"the reference model's vocabulary ({ref_vocab}) differs from the policy's "
-                                 f"({self.vocab_size}); the KL needs both over the same tokens")
+            lm = load_causal_lm(model if model is not None else c.model).to(self.device).eval()
+            self.vocab_size = lm.get_output_embeddings().out_features
+            # before LoRA: a policy-initialised critic copies the plain body
+            critic = build_critic(c.critic, lm, reward, self.tokenizer, self.device) if self.uses_critic else None
+            if c.lora_r:
+                self.peft, self.ref = add_lora(lm, c), None
+            else:
+                self.peft = None
+                self.ref = frozen_reference(load_causal_lm(ref_model).to(self.device) if ref_model is not None else lm)
+                ref_vocab = self.ref.get_output_embeddings().out_features
+                if ref_vocab != self.vocab_size:
+                    raise ValueError(f"the reference model's vocabulary ({ref_vocab}) differs from the policy's "
+                                     f"({self.vocab_size}); the KL needs both over the same tokens")
         self.policy = PolicyWithValueHead(lm, value_head=self.uses_critic and critic is None)
         self.critic = critic
-        # Everything trained, as one module: checkpoints hold exactly this.
-        self.trainable = nn.ModuleDict({"policy": self.policy, **({"critic": critic} if critic is not None else {})})
-        # Forward passes that train go through these: DistributedDataParallel wrappers on several processes.
-        self.policy_forward = self.ranks.wrap(self.policy)
-        self.critic_forward = self.ranks.wrap(critic) if critic is not None else None
+        self.trainable = Trained(self.policy, critic)  # everything trained, as one module: checkpoints hold this
         if c.gradient_checkpointing:
             enable_gradient_checkpointing(lm)
             if critic is not None:
@@ -155,6 +156,9 @@ class RLTrainer:
         updates = c.steps * c.ppo_epochs * (c.batch_size // c.minibatch_size)
         self.scheduler = get_scheduler(c.lr_scheduler_type, self.optimizer, num_warmup_steps=c.warmup_steps,
                                        num_training_steps=updates)
+        # Forward passes that train go through this: DDP or a DeepSpeed engine on several processes.
+        self.trainable_forward = self.ranks.prepare(self.trainable, self.optimizer, c.minibatch_size,
+                                                    c.gradient_accumulation_steps, c.max_grad_norm)
         self.sample_generator = torch.Generator(self.device).manual_seed(rank_seed(c.seed, self.ranks.rank))
         self.shuffle_generator = torch.Generator().manual_seed(c.seed + 1)  # minibatch partitions
         self.data_generator = torch.Generator().manual_seed(c.seed + 2)  # prompt order
@@ -179,7 +183,9 @@ class RLTrainer:
         ids, mask = left_pad(query_tensors, self.tokenizer.pad_token_id)
         with self.autocast():
             rollout = sample(self.policy.model, self.sampler, ids.to(self.device), mask.to(self.device),
-                             self.config.max_new_tokens, self.tokenizer.pad_token_id, self.sample_generator)
+                             self.config.max_new_tokens, self.tokenizer.pad_token_id, self.sample_generator,
+                             # sharded parameters: every process runs every decoding step until all are done
+                             all_done=self._all_done if self.ranks.sharded else None)
         lengths = rollout.response_mask.sum(-1).long().tolist()
         responses = [rollout.response_ids[i, :n].cpu() for i, n in enumerate(lengths)]
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -314,8 +320,9 @@ class RLTrainer:
                 history.append(stats)
                 if self.step_count == c.steps or (c.checkpoint_every and self.step_count % c.checkpoint_every == 0):
                     self.save_checkpoint()
-            if g.is_main:
-                self.save(Path(c.output_dir) / "policy")
+            with g.gathered(self.trainable):  # ZeRO-3: every process gathers, the main process writes
+                if g.is_main:
+                    self.save(Path(c.output_dir) / "policy")
         if g.is_main:
             build_report(c.output_dir)
         g.wait()
@@ -350,13 +357,10 @@ class RLTrainer:
 
     def _logits_and_values(self, q_ids: Tensor, q_mask: Tensor, r_ids: Tensor) -> tuple[Tensor, Tensor | None]:
         with self.autocast():
-            logits, values = self.policy_forward(q_ids, q_mask, r_ids)
-            if self.critic_forward is not None:
-                values = self.critic_forward(q_ids, q_mask, r_ids)
-        return logits, values
+            return self.trainable_forward(q_ids, q_mask, r_ids)
 
-    def _wrapped(self) -> list[nn.Module]:
-        return [m for m in (self.policy_forward, self.critic_forward) if m is not None]
+    def _all_done(self, finished: Tensor) -> bool:
+        return not self.ranks.any(not bool(finished.all()))
 
     @property
     def _per_process(self) -> str:
@@ -432,8 +436,8 @@ class RLTrainer:
                 totals: dict) -> str:
         """One optimiser step on minibatch `mb` (this process's rows of it); micro-batches accumulate to the
         global minibatch's token-mean loss exactly: each micro-batch's loss is weighted by its share of the
-        minibatch's tokens on all processes (times the process count, which DDP's gradient mean divides out).
-        Every skip is decided on all processes together. Returns ok / fault / ratio."""
+        minibatch's tokens on all processes (times the process count, which the gradient mean over processes
+        divides out). Every skip is decided on all processes together. Returns ok / fault / ratio."""
         c = self.config
         g = self.ranks
         tokens = g.all_reduce(b.mask[mb].sum())
@@ -442,49 +446,54 @@ class RLTrainer:
         micro = mb.split(self.local_minibatch // c.gradient_accumulation_steps)
         for n, j in enumerate(micro):
             share = b.mask[j].sum() / tokens
-            scale = (share * g.num).item()
-            with g.no_sync(self._wrapped() if n < len(micro) - 1 else ()):
-                logits, vpred = self._logits_and_values(b.query_ids[j], b.query_mask[j], b.response_ids[j])
-                scores = self._replay(logits, b.query_ids[j], b.query_mask[j], b.response_ids[j])
-                new_logprobs = self._sampled_logprobs(logits, gather_logprobs(scores, b.response_ids[j]),
-                                                      b.response_ids[j], b.flipped[j])
-                # Nothing below sees padding: after EOS it may replay to -inf (top-k), and exp(inf) * 0 is nan.
-                new_logprobs = torch.where(b.mask[j].bool(), new_logprobs, b.logprobs[j])
-                loss, parts = policy_loss(new_logprobs, b.logprobs[j], advantages[j], b.mask[j], c.cliprange, scale)
-                parts = {"ppo/policy/": parts}
-                if returns is not None:
-                    vf, parts["ppo/val/"] = value_loss(vpred, b.values[j], returns[j], b.mask[j], c.cliprange_value,
-                                                       scale)
-                    loss = loss + c.vf_coef * vf
-                if c.kl_in_loss:
-                    kl = masked_mean(self.estimator.fn(new_logprobs, b.ref_logprobs[j]), b.mask[j])
-                    loss = loss + beta * scale * kl
-                    parts["ppo/kl_loss/"] = {"loss": kl.detach()}
+            last = n == len(micro) - 1
+            with g.no_sync(() if last else [self.trainable_forward]):
+                loss, parts = self._micro_loss(b, j, advantages, returns, beta, (share * g.num).item())
                 if g.any(not torch.isfinite(loss)):
-                    self.optimizer.zero_grad(set_to_none=True)
+                    g.discard(self.optimizer, loss)
                     return "fault"
-                loss.backward()
-            for prefix, st in parts.items():
-                for k, v in st.items():
-                    stats[prefix + k] = stats.get(prefix + k, 0.0) + share * v
-        names = sorted(stats)  # token-weighted means over the global minibatch: one sum over processes
-        summed = g.all_reduce(torch.stack([stats[k].to(self.device, torch.float64) for k in names]))
-        stats = dict(zip(names, summed.tolist()))
-        grad_norm, *critic_norm = (clip_if_needed(group, c.max_grad_norm) for group in self.clip_groups)
-        if not all(torch.isfinite(n) for n in (grad_norm, *critic_norm)):  # clipping leaves nan/inf as they are
-            self.optimizer.zero_grad(set_to_none=True)
+                for prefix, st in parts.items():
+                    for k, v in st.items():
+                        stats[prefix + k] = stats.get(prefix + k, 0.0) + share * v
+                if last:  # token-weighted means over the global minibatch, before the last backward
+                    names = sorted(stats)
+                    summed = g.all_reduce(torch.stack([stats[k].to(self.device, torch.float64) for k in names]))
+                    stats = dict(zip(names, summed.tolist()))
+                    if stats["ppo/policy/ratio_mean"] > c.ratio_threshold:
+                        g.discard(self.optimizer, loss)
+                        return "ratio"
+                g.backward(loss, last)
+        norms = g.step(self.optimizer, self.clip_groups, c.max_grad_norm)
+        if norms is None:
             return "fault"
-        if stats["ppo/policy/ratio_mean"] > c.ratio_threshold:
-            self.optimizer.zero_grad(set_to_none=True)
-            return "ratio"
-        self.optimizer.step()
         self.scheduler.step()
-        stats["ppo/grad_norm"] = grad_norm.item()
-        if critic_norm:
-            stats["ppo/critic_grad_norm"] = critic_norm[0].item()
+        stats["ppo/grad_norm"] = norms[0].item()
+        if len(norms) > 1:
+            stats["ppo/critic_grad_norm"] = norms[1].item()
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + v
         return "ok"
+
+    def _micro_loss(self, b: Scored, j: Tensor, advantages: Tensor, returns: Tensor | None, beta: float,
+                    scale: float) -> tuple[Tensor, dict[str, dict[str, Tensor]]]:
+        """The loss of micro-batch rows `j`, weighted by `scale`, and its parts' statistics by prefix."""
+        c = self.config
+        logits, vpred = self._logits_and_values(b.query_ids[j], b.query_mask[j], b.response_ids[j])
+        scores = self._replay(logits, b.query_ids[j], b.query_mask[j], b.response_ids[j])
+        new_logprobs = self._sampled_logprobs(logits, gather_logprobs(scores, b.response_ids[j]), b.response_ids[j],
+                                              b.flipped[j])
+        # Nothing below sees padding: after EOS it may replay to -inf (top-k), and exp(inf) * 0 is nan.
+        new_logprobs = torch.where(b.mask[j].bool(), new_logprobs, b.logprobs[j])
+        loss, parts = policy_loss(new_logprobs, b.logprobs[j], advantages[j], b.mask[j], c.cliprange, scale)
+        parts = {"ppo/policy/": parts}
+        if returns is not None:
+            vf, parts["ppo/val/"] = value_loss(vpred, b.values[j], returns[j], b.mask[j], c.cliprange_value, scale)
+            loss = loss + c.vf_coef * vf
+        if c.kl_in_loss:
+            kl = masked_mean(self.estimator.fn(new_logprobs, b.ref_logprobs[j]), b.mask[j])
+            loss = loss + beta * scale * kl
+            parts["ppo/kl_loss/"] = {"loss": kl.detach()}
+        return loss, parts
 
     def _process_scores(self, scores: Tensor) -> Tensor:
         c = self.config

@@ -19,7 +19,7 @@ from safetensors.torch import load_model, save_model
 
 log = logging.getLogger("tether")
 _NAME = re.compile(r"^step-(\d{8})$")
-WEIGHTS, STATE = "policy.safetensors", "trainer_state.pt"
+WEIGHTS, STATE, ENGINE = "policy.safetensors", "trainer_state.pt", "engine"
 
 
 def _fsync(path: Path) -> None:
@@ -30,18 +30,33 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(root: Path, step: int, policy: torch.nn.Module, state: dict, keep: int = 1) -> Path:
+def save_checkpoint(root: Path, step: int, policy: torch.nn.Module | None, state: dict, keep: int = 1) -> Path:
     """Write policy weights (safetensors, shared tensors handled) and `state` (optimiser, scheduler, RNGs,
     counters: anything torch.save takes) as checkpoint `step`; keep the newest `keep` checkpoints."""
+    return commit_checkpoint(root, step, begin_checkpoint(root, step), policy, state, keep)
+
+
+def begin_checkpoint(root: Path, step: int) -> Path:
+    """The empty temporary folder that checkpoint `step` is written into."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(policy, str(tmp / WEIGHTS))
+    return tmp
+
+
+def commit_checkpoint(root: Path, step: int, tmp: Path, policy: torch.nn.Module | None, state: dict,
+                      keep: int = 1) -> Path:
+    """Add the weights (unless None: written into `tmp` already, e.g. by DeepSpeed) and `state` to `tmp`, make
+    it durable, rename it to `step-N` and prune older checkpoints."""
+    if policy is not None:
+        save_model(policy, str(tmp / WEIGHTS))
     torch.save(state, tmp / STATE)
-    for path in (tmp / WEIGHTS, tmp / STATE, tmp):
-        _fsync(path)
+    for folder, dirs, files in os.walk(tmp, topdown=False):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
+    final = root / f"step-{step:08d}"
     if final.exists():  # the same step written again (e.g. end of a run that just checkpointed)
         _remove(final)
     os.rename(tmp, final)
@@ -67,9 +82,10 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)), key=lambda p: p.name)
 
 
-def load_checkpoint(path: Path, policy: torch.nn.Module) -> dict:
-    """Load weights into `policy` in place and return the saved state dict."""
-    load_model(policy, str(path / WEIGHTS))
+def load_checkpoint(path: Path, policy: torch.nn.Module | None) -> dict:
+    """Load weights into `policy` in place (None: they are loaded elsewhere) and return the saved state dict."""
+    if policy is not None:
+        load_model(policy, str(path / WEIGHTS))
     return torch.load(path / STATE, weights_only=False)
 
 
@@ -89,7 +105,8 @@ def capture_state(trainer) -> dict:
     return {
         "config": trainer.config.to_dict(),
         "step": trainer.step_count,
-        "optimizer": trainer.optimizer.state_dict(),
+        # under DeepSpeed the optimiser states are sharded: the engine writes them (`write_checkpoint`)
+        **({"optimizer": trainer.optimizer.state_dict()} if trainer.ranks.engine is None else {}),
         "scheduler": trainer.scheduler.state_dict(),
         "kl_ctl": trainer.kl_ctl.state_dict(),
         "score_moments": trainer.score_moments.state_dict(),
@@ -112,7 +129,8 @@ def restore_state(trainer, state: dict) -> None:
         raise ValueError(f"cannot resume: the config differs from the checkpoint's in {details}. Only "
                          f"{sorted(RESUMABLE_CHANGES)} may change; use a new output_dir for a different run")
     trainer.step_count = state["step"]
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    if "optimizer" in state:  # else in DeepSpeed's shards, loaded with the weights
+        trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.kl_ctl.load_state_dict(state["kl_ctl"])
     trainer.score_moments.load_state_dict(state["score_moments"])
@@ -134,15 +152,22 @@ def restore_state(trainer, state: dict) -> None:
 
 def write_checkpoint(trainer) -> Path:
     """The trainer's checkpoint at its current step. On several processes every process must call it: each
-    one's random state is gathered into the checkpoint, and the main process writes it."""
+    one's random state is gathered into the checkpoint, and the main process writes it. Under DeepSpeed every
+    process also writes its shard of the weights and optimiser states into the folder's `engine/`."""
     g = trainer.ranks
     state = {**capture_state(trainer), "num_processes": g.num}
     if g.num > 1:
         state["rng_per_rank"] = g.gather_lists([state["rng"]])
     root = Path(trainer.config.output_dir) / "checkpoints"
     path = root / f"step-{trainer.step_count:08d}"
+    tmp = begin_checkpoint(root, trainer.step_count) if g.is_main else root / f".tmp-{path.name}"
+    g.wait()
+    if g.engine is not None:
+        g.save_engine(tmp / ENGINE)
+        g.wait()
     if g.is_main:
-        path = save_checkpoint(root, trainer.step_count, trainer.trainable, state, keep=trainer.config.keep_checkpoints)
+        commit_checkpoint(root, trainer.step_count, tmp, trainer.trainable if g.engine is None else None, state,
+                          keep=trainer.config.keep_checkpoints)
     g.wait()
     return path
 
@@ -161,12 +186,19 @@ def maybe_resume(trainer) -> None:
         if c.resume is True:
             raise ValueError(f"resume=true but {c.output_dir!r} holds no checkpoint to resume from")
         return
-    state = load_checkpoint(checkpoints[-1], trainer.trainable)
+    g = trainer.ranks
+    state = load_checkpoint(checkpoints[-1], trainer.trainable if g.engine is None else None)
+    if (g.engine is None) != ("optimizer" in state):
+        raise ValueError(f"cannot resume: {checkpoints[-1]} was written {'without' if 'optimizer' in state else 'by'} "
+                         f"DeepSpeed and this run is {'not ' if g.engine is None else ''}on DeepSpeed; resume it "
+                         f"the way it was launched")
     if state.get("num_processes", 1) != trainer.ranks.num:
         raise ValueError(f"cannot resume: {checkpoints[-1]} was written by {state.get('num_processes', 1)} "
                          f"process(es), this run has {trainer.ranks.num}; every process's random state is in the "
                          f"checkpoint, so resume with the same number")
     if "rng_per_rank" in state:
         state["rng"] = state["rng_per_rank"][trainer.ranks.rank]
+    if g.engine is not None:
+        g.load_engine(checkpoints[-1] / ENGINE)
     restore_state(trainer, state)
     log.info("resumed from %s at step %d", checkpoints[-1], trainer.step_count)

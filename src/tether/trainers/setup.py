@@ -110,12 +110,3 @@ def add_lora(lm, c):
     except ValueError as err:
         raise ValueError(f"lora_target_modules={c.lora_target_modules!r}: {err}") from err
     return peft_model.eval()
-
-
-def clip_if_needed(params: list[Tensor], max_norm: float) -> Tensor:
-    """The gradients' global norm, scaling them down to max_norm only when it is exceeded (0: never).
-    torch's clip_grad_norm_ multiplies every gradient by 1 even when nothing is clipped."""
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if max_norm > 0 and norm > max_norm:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
