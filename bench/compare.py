@@ -1,10 +1,12 @@
 """tether vs TRL 0.11.4's classic PPOTrainer on identical work, one process at a time (tether's .venv):
 
-    python bench/compare.py [--workloads a b] [--steps N [N]]
+    python bench/compare.py [--workloads a b] [--steps N [N]] [--precision {fp32,bf16}]
     python bench/compare.py --render bench/results/latest.json     # only rebuild the table
 
 Prepares the shared inputs, measures matmul throughput, then runs each workload on tether and on TRL as
 subprocesses, one after another. Prints and writes bench/results/latest.json and latest.md.
+--precision bf16 runs both sides under bf16 autocast (fp32 weights and AdamW; see run_tether.py and run_trl.py)
+and sets tether's training phase against the bf16 matmul peak; fp32 (the default) autocasts nothing.
 """
 
 import argparse
@@ -15,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from workloads import RESULTS
+from workloads import PRECISIONS, RESULTS
 
 HERE = Path(__file__).resolve().parent
 TRL_PYTHON = HERE / ".venv-trl" / "bin" / "python"
@@ -52,13 +54,19 @@ def headline(x: dict) -> dict:
     return h
 
 
-def compare_entry(tether: dict, trl: dict, matmul: dict) -> dict:
+def matmul_peak(matmul: dict, precision: str) -> float:
+    """The matmul peak of the precision the run used (GFLOP/s): the matmuls of a bf16 run take bf16 operands."""
+    return matmul["bf16_peak_gflops" if precision == "bf16" else "peak_gflops"]
+
+
+def compare_entry(tether: dict, trl: dict, matmul: dict, precision: str = "fp32") -> dict:
     entry = {"tether": tether, "trl": trl}
     ok = not (tether.get("failed") or trl.get("failed"))
     if not tether.get("failed"):
         entry["tether_headline"] = headline(tether)
         if not matmul.get("failed"):
-            entry["tether_share_of_matmul_peak"] = entry["tether_headline"]["train_gflops_per_s"] / matmul["peak_gflops"]
+            entry["tether_share_of_matmul_peak"] = (entry["tether_headline"]["train_gflops_per_s"]
+                                                    / matmul_peak(matmul, precision))
     if not trl.get("failed"):
         entry["trl_headline"] = headline(trl)
     keys = ("episodes_per_s", "tokens_per_s", "episodes_per_cpu_s", "peak_rss_mb")
@@ -73,7 +81,23 @@ def fmt(x) -> str:
     return "n/a" if x is None else f"{x:.2f}x"
 
 
+def dtype_note(result: dict) -> str:
+    """What the side's forward passes and stored tensors were, from its DtypeProbe and stored_dtypes."""
+    seen = "; ".join(f"{k} {'/'.join(f'{d} x{n}' for d, n in v.items())}" for k, v in result["forward_dtypes"].items())
+    stored = result["stored_dtypes"]
+    return (f"MLP outputs: {seen}. Weights {'/'.join(stored['weights'])}, "
+            f"optimiser state {'/'.join(stored['optimizer_state'])}")
+
+
+def dtypes_as_expected(result: dict, precision: str) -> bool:
+    want = "bfloat16" if precision == "bf16" else "float32"
+    return (all(set(v) == {want} for v in result["forward_dtypes"].values())
+            and result["stored_dtypes"]["weights"] == ["float32"]
+            and result["stored_dtypes"]["optimizer_state"] == ["float32"])
+
+
 def markdown(report: dict) -> str:
+    precision = report.get("precision", "fp32")
     rows = ["| workload | side | episodes/s | tokens/s | episodes per CPU-s | peak RSS (MB) | generate (s/step) "
             "| reward + PPO step (s/step) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     notes = []
@@ -97,11 +121,14 @@ def markdown(report: dict) -> str:
                          f"scoring forward {s['score_forward']:.2f}, PPO epochs {s['optimise']:.2f}. Training phase: "
                          f"{r['tether']['train_flops_per_step'] / 1e9:.0f} GFLOP/step at "
                          f"{h['train_gflops_per_s']:.1f} GFLOP/s = **{r['tether_share_of_matmul_peak']:.1%}** of this "
-                         f"machine's fp32 matmul peak ({report['matmul']['peak_gflops']:.0f} GFLOP/s).")
+                         f"machine's {precision} matmul peak ({matmul_peak(report['matmul'], precision):.0f} GFLOP/s).")
         for side in ("tether", "trl"):
             if not r[side].get("failed"):
                 steps = ", ".join(f"{t['total']:.1f}" for t in r[side]["per_step"])
                 notes.append(f"- ({name}) {side}: every timed step, s: {steps}")
+                if "forward_dtypes" in r[side]:
+                    warn = "" if dtypes_as_expected(r[side], precision) else f"WARNING, not a clean {precision} run: "
+                    notes.append(f"- ({name}) {side}: {warn}{dtype_note(r[side])}")
         if r.get("weights_match") is False:
             notes.append(f"- ({name}) WARNING: the two sides' logits checksums differ; the weights did not load alike.")
     notes.append("- Figures come from each side's fastest timed step (see compare.py `headline`); peak RSS is the "
@@ -114,26 +141,28 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=["a", "b"], choices=["a", "b"])
     parser.add_argument("--steps", type=int, nargs="+", default=[3],
                         help="timed PPO steps after one warm-up step; one number, or one per workload")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="bf16: forward passes under bf16 autocast on both sides (fp32 weights and AdamW)")
     parser.add_argument("--render", metavar="JSON", help="only rebuild the table from a saved latest.json")
     args = parser.parse_args()
     if args.render:
         report = json.loads(Path(args.render).read_text())
         for r in report["workloads"].values():
-            r.update(compare_entry(r["tether"], r["trl"], report["matmul"]))
+            r.update(compare_entry(r["tether"], r["trl"], report["matmul"], report.get("precision", "fp32")))
         print(markdown(report))
         return
     steps = dict(zip(args.workloads, args.steps * len(args.workloads) if len(args.steps) == 1 else args.steps))
     if not TRL_PYTHON.exists():
         sys.exit(f"{TRL_PYTHON} is missing: run bench/setup_trl.sh first")
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpus": os.cpu_count(),
-              "loadavg_before": os.getloadavg(), "steps": steps, "workloads": {}}
+              "loadavg_before": os.getloadavg(), "steps": steps, "precision": args.precision, "workloads": {}}
     start = time.perf_counter()
     subprocess.run([sys.executable, HERE / "prepare.py", *args.workloads], cwd=HERE, check=True)
-    report["matmul"] = run(sys.executable, "matmul.py")
+    report["matmul"] = run(sys.executable, "matmul.py", "--precision", args.precision)
     for name in args.workloads:
-        tether = run(sys.executable, "run_tether.py", name, "--steps", steps[name])
-        trl = run(TRL_PYTHON, "run_trl.py", name, "--steps", steps[name])
-        report["workloads"][name] = compare_entry(tether, trl, report["matmul"])
+        tether = run(sys.executable, "run_tether.py", name, "--steps", steps[name], "--precision", args.precision)
+        trl = run(TRL_PYTHON, "run_trl.py", name, "--steps", steps[name], "--precision", args.precision)
+        report["workloads"][name] = compare_entry(tether, trl, report["matmul"], args.precision)
     report["loadavg_after"] = os.getloadavg()
     report["wall_s"] = time.perf_counter() - start
     report["command"] = "python bench/compare.py " + " ".join(sys.argv[1:])
@@ -141,7 +170,7 @@ def main() -> None:
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
     (RESULTS / "latest.md").write_text(table)
-    print(f"\n[compare] {report['date']}, {report['cpus']} CPUs, load average (1/5/15 min) before "
+    print(f"\n[compare] {report['date']}, {report['cpus']} CPUs, {args.precision}, load average (1/5/15 min) before "
           f"{'/'.join(f'{x:.2f}' for x in report['loadavg_before'])}, after "
           f"{'/'.join(f'{x:.2f}' for x in report['loadavg_after'])}; {report['wall_s']:.0f} s\n")
     print(table)

@@ -1,6 +1,8 @@
-"""One workload through tether's step API (tether's .venv): python bench/run_tether.py a --steps 3
+"""One workload through tether's step API (tether's .venv): python bench/run_tether.py a --steps 3 [--precision bf16]
 
 One untimed warm-up step, then --steps timed steps of generate -> reward -> step. Prints one RESULT line.
+--precision bf16 sets PPOConfig(precision="bf16"): generation, scoring and update forward passes under bf16
+autocast, weights and AdamW in fp32 (fp32, the default, is what precision="auto" means on a CPU).
 Training-phase FLOPs (a model-FLOPs count, the usual 6 x params x tokens for forward + backward):
     6 * ppo_epochs * (N_body * B * (P + T) + N_head * B * T)
 N_body: parameters outside the embeddings and the LM head; N_head = vocabulary x width (tether projects only
@@ -13,7 +15,18 @@ import time
 
 import torch
 from torch import nn
-from workloads import emit, load_inputs, logits_checksum, mean, progress, runner_args, summary, token_share
+from workloads import (
+    DtypeProbe,
+    emit,
+    load_inputs,
+    logits_checksum,
+    mean,
+    progress,
+    runner_args,
+    stored_dtypes,
+    summary,
+    token_share,
+)
 
 
 def param_counts(model) -> tuple[int, int]:
@@ -24,7 +37,7 @@ def param_counts(model) -> tuple[int, int]:
     return body, head.numel()
 
 
-def workload_trainer(w, steps: int, run_name: str):
+def workload_trainer(w, steps: int, run_name: str, precision: str = "fp32"):
     """tether's PPOTrainer for workload `w` (its prepared model and prompt ids) -> (trainer, prompt ids, meta)."""
     from tether import PPOConfig
     from tether.trainers.ppo import PPOTrainer
@@ -34,30 +47,36 @@ def workload_trainer(w, steps: int, run_name: str):
                        steps=steps + 1, batch_size=w.batch_size, minibatch_size=w.minibatch_size,
                        ppo_epochs=w.ppo_epochs, gradient_accumulation_steps=1, learning_rate=w.learning_rate,
                        init_kl_coef=w.init_kl_coef, adaptive_kl=False, max_new_tokens=w.max_new_tokens,
-                       temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=0, max_grad_norm=1.0)
+                       temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=0, max_grad_norm=1.0,
+                       precision=precision)
     return PPOTrainer(config), prompt_ids, meta
 
 
 def main() -> None:
-    w, steps = runner_args()
+    w, steps, precision = runner_args()
     import tether
     from tether.demo import vader_reward
 
-    trainer, prompt_ids, meta = workload_trainer(w, steps, "tether-run")
-    checksum = logits_checksum(trainer.policy.model, prompt_ids)
+    trainer, prompt_ids, meta = workload_trainer(w, steps, "tether-run", precision)
+    checksum = logits_checksum(trainer.policy.model, prompt_ids)  # outside autocast: fp32 on both sides
+    probe = DtypeProbe(policy=trainer.policy.model, reference=trainer.ref)
     queries = [torch.tensor(q) for q in prompt_ids]
     body, head = param_counts(trainer.policy.model)
     timings, tokens, rewards, flops = [], [], [], []
     for step in range(steps + 1):
         t0, c0 = time.perf_counter(), time.process_time()
+        probe.phase = "generate"
         gen = trainer.generate(queries)
+        probe.phase = None
         t1 = time.perf_counter()
         if w.reward == "vader":
             scores = vader_reward([""] * len(gen.texts), gen.texts)
         else:
             scores = token_share([r.tolist() for r in gen.responses])
         t2 = time.perf_counter()
+        probe.phase = "step"
         stats = trainer.step(gen.queries, gen.responses, scores)
+        probe.phase = None
         t3 = time.perf_counter()
         n_tokens = sum(len(r) for r in gen.responses)
         progress(f"tether ({w.name}) step {step}{' (warm-up)' if step == 0 else ''}: {t3 - t0:.2f} s, "
@@ -74,7 +93,9 @@ def main() -> None:
     result = summary(w, "tether", timings, tokens, rewards)
     result.update({"tether": getattr(tether, "__version__", "dev"), "logits_checksum": checksum,
                    "params_body": body, "params_head": head, "train_flops_per_step": mean(flops),
-                   "train_gflops_per_s": mean(flops) / result["s_per_step"]["optimise"] / 1e9})
+                   "train_gflops_per_s": mean(flops) / result["s_per_step"]["optimise"] / 1e9,
+                   "precision": precision, "forward_dtypes": probe.seen,
+                   "stored_dtypes": stored_dtypes([trainer.trainable, trainer.ref], trainer.optimizer)})
     emit(result)
 
 

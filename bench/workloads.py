@@ -38,13 +38,48 @@ WORKLOADS = {
 REWARD_TOKEN = 7  # workload (a): the reward is the share of this token id among the response tokens
 
 
-def runner_args() -> tuple["Workload", int]:
-    """The command line both side runners take: WORKLOAD [--steps N] -> (workload, timed steps)."""
+PRECISIONS = ("fp32", "bf16")  # fp32: no autocast; bf16: forward passes under bf16 autocast, fp32 weights and AdamW
+
+
+def runner_args() -> tuple["Workload", int, str]:
+    """The command line both side runners take: WORKLOAD [--steps N] [--precision P] -> (workload, timed steps,
+    precision)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("workload", choices=WORKLOADS)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     args = parser.parse_args()
-    return WORKLOADS[args.workload], args.steps
+    return WORKLOADS[args.workload], args.steps, args.precision
+
+
+class DtypeProbe:
+    """Evidence of what precision the forward passes really ran in: a forward hook on the first transformer
+    block's MLP of each model given counts its output dtype by phase and grad mode (bfloat16 under bf16 autocast,
+    float32 without). `phase` is set by the runner ("generate", "step"); outside a phase nothing is counted."""
+
+    def __init__(self, **models):
+        self.phase: str | None = None
+        self.seen: dict[str, dict[str, int]] = {}
+        for name, model in models.items():
+            mlp = next(m for n, m in model.named_modules() if n.endswith(".mlp"))
+            mlp.register_forward_hook(self._hook(name))
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            if self.phase is not None:
+                key = f"{name} {self.phase}{'' if torch.is_grad_enabled() else ' (no grad)'}"
+                dtype = str(getattr(output, "dtype", type(output).__name__)).removeprefix("torch.")
+                counts = self.seen.setdefault(key, {})
+                counts[dtype] = counts.get(dtype, 0) + 1
+        return hook
+
+
+def stored_dtypes(modules, optimizer) -> dict[str, list[str]]:
+    """dtypes of the trained and reference weights and of the optimiser's state tensors (AdamW moments)."""
+    params = {str(p.dtype).removeprefix("torch.") for m in modules for p in m.parameters()}
+    state = {str(v.dtype).removeprefix("torch.") for s in optimizer.state.values() for k, v in s.items()
+             if torch.is_tensor(v) and k != "step"}
+    return {"weights": sorted(params), "optimizer_state": sorted(state)}
 
 
 def folder(workload: str) -> Path:
