@@ -20,7 +20,8 @@ from trainer_step import CASES, run  # noqa: E402
 LAUNCH = {"ddp": "cpu_2proc.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml"}
 
 
-def _launch(args: list[str], tmp: Path, kind: str = "ddp") -> subprocess.CompletedProcess:
+def _launch(args: list[str], tmp: Path, kind: str = "ddp", launch_flags: tuple[str, ...] = (), cpu_env: bool = True,
+            ok: bool = True) -> subprocess.CompletedProcess:
     """`accelerate launch` with the example config for `kind`, 2 processes on this machine's CPU."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -28,13 +29,13 @@ def _launch(args: list[str], tmp: Path, kind: str = "ddp") -> subprocess.Complet
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     env.pop("ACCELERATE_USE_CPU", None)
-    if kind == "ddp":  # DeepSpeed finds the CPU itself (gloo); Accelerate's DDP must be told
+    if kind == "ddp" and cpu_env:  # DeepSpeed finds the CPU itself (gloo); Accelerate's DDP must be told
         env["ACCELERATE_USE_CPU"] = "true"
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
            str(ROOT / "examples/accelerate" / LAUNCH[kind]), "--num_processes", "2", "--main_process_port", str(port),
-           *args]
+           *launch_flags, *args]
     proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
 
@@ -159,3 +160,15 @@ def test_zero3_tether_ppo_learns_resumes_and_saves_a_whole_model(run_files):
     _launch(["-m", "tether.cli", "ppo", *_flags(run_files, "zero3", 33), "--resume"], run_files, "zero3")
     assert len(_rewards(run_dir)) == 33
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000033"]
+
+
+@pytest.mark.parametrize("kind,launch_flags,cpu_env,flags,message", [
+    ("zero3", (), True, ["--lora_r", "2"], "LoRA (lora_r > 0) with DeepSpeed ZeRO-3 is not supported"),
+    ("zero2", ("--mixed_precision", "bf16"), True, [], "DeepSpeed with mixed_precision=bf16 would keep the weights"),
+    ("ddp", (), False, [], "launched as 2 processes, but Accelerate sees 1"),
+])
+def test_launches_tether_cannot_run_are_refused_before_any_work(run_files, kind, launch_flags, cpu_env, flags, message):
+    proc = _launch(["-m", "tether.cli", "ppo", *_flags(run_files, "refused", 2), *flags], run_files, kind,
+                   launch_flags, cpu_env, ok=False)
+    assert message in proc.stderr, proc.stderr[-3000:]
+    assert not (run_files / "refused" / "metrics.jsonl").exists()
