@@ -1,6 +1,6 @@
 """Where tether's step spends its time, per phase (tether's .venv):
 
-    OMP_NUM_THREADS=2 python bench/profile_step.py b [--steps 2] [--ops 25] [--threads 2]
+    OMP_NUM_THREADS=2 python bench/profile_step.py b [--steps 2] [--ops 25] [--threads 2] [--precision bf16]
 
 Same set-up as run_tether.py (prepare.py must have run). One untimed warm-up step, then --steps steps of
 generate -> reward -> PPO step with light wrappers (perf_counter around the functions named in METHODS,
@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 
 import torch
-from workloads import WORKLOADS, token_share
+from workloads import PRECISIONS, WORKLOADS, token_share
 
 TOTALS: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--ops", type=int, default=0, help="also profile the last step's operators (top N)")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="tether's PPOConfig.precision")
     parser.add_argument("--cpu", action="store_true", help="CPU seconds of the main thread instead of wall-clock: "
                         "with --threads 1 (and OMP_NUM_THREADS=1) the work itself, whatever else shares the cores")
     parser.add_argument("--stack", type=int, default=0, help="with --ops: group operators by their N innermost "
@@ -107,7 +108,7 @@ def main() -> None:
 
     from tether.demo import vader_reward
 
-    trainer, prompt_ids, _ = workload_trainer(w, args.steps, "tether-profile")
+    trainer, prompt_ids, _ = workload_trainer(w, args.steps, "tether-profile", args.precision)
     queries = [torch.tensor(q) for q in prompt_ids]
 
     def one_step() -> float:
@@ -129,7 +130,7 @@ def main() -> None:
     calls = dict(CALLS)
     fastest = min(per_step, key=lambda s: s["step"])
     steps = ", ".join(f"{s['step']:.2f}" for s in per_step)
-    print(f"workload ({w.name}), {args.steps} timed steps, torch threads {torch.get_num_threads()}, "
+    print(f"workload ({w.name}), {args.precision}, {args.steps} timed steps, torch threads {torch.get_num_threads()}, "
           f"{'main-thread CPU' if args.cpu else 'wall-clock'} seconds: "
           f"fastest {fastest['step']:.3f} s/step (all: {steps}), CPU-s/step {min(cpu):.2f} (min)")
     # Per phase: the fastest step's time, and the minimum over steps (each phase's least disturbed run; on a

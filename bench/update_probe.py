@@ -9,12 +9,15 @@ log-probs of the response tokens, backward; no optimiser) eagerly, best of --rep
                       (V, H) tensor and a full (V, H) add into the LM head's gradient on every backward; sparse,
                       only the rows of the tokens present are added. The summed gradient is the same (checked).
   --compile           torch.compile (inductor, needs a C++ compiler); prints the compile time too.
+  --bf16              under bf16 autocast (what precision="bf16" does; weights stay fp32); with --ops N, the top N
+                      operators by self CPU time of one update, fp32 and bf16.
 The shapes are the workload's minibatch, prompt length and max_new_tokens. Nothing here changes what tether
 runs; it measures what a change in the trainer or model set-up would buy.
 """
 
 import argparse
 import time
+from contextlib import nullcontext
 
 import torch
 from workloads import WORKLOADS, load_inputs
@@ -27,6 +30,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--mode", default="default", help="torch.compile mode")
     parser.add_argument("--sparse-embedding", action="store_true")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--ops", type=int, default=0)
     args = parser.parse_args()
     w = WORKLOADS[args.workload]
     from transformers import AutoModelForCausalLM
@@ -42,8 +47,9 @@ def main() -> None:
     ids = torch.randint(V, (B, P + T), generator=g)
     mask = torch.ones_like(ids)
 
-    def update(m, keep_grad: bool = False) -> float:
-        out = m(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
+    def update(m, keep_grad: bool = False, autocast: bool = False) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
+            out = m(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
                 logits_to_keep=T + 1)
         logprobs = gather_logprobs(out.logits[:, :-1], ids[:, P:])
         logprobs.mean().backward()
@@ -51,11 +57,11 @@ def main() -> None:
             model.zero_grad(set_to_none=True)
         return float(logprobs.detach().sum())
 
-    def best(m) -> float:
+    def best(m, autocast: bool = False) -> float:
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            update(m)
+            update(m, autocast=autocast)
             times.append(time.perf_counter() - t0)
         return min(times)
 
@@ -71,6 +77,15 @@ def main() -> None:
     eager = best(model)
     print(f"workload ({w.name}) minibatch {B} x (P {P} + T {T}), torch threads {torch.get_num_threads()}: "
           f"eager {eager * 1e3:.1f} ms per forward+backward (best of {args.repeats})")
+    if args.bf16:
+        update(model, autocast=True)
+        t = best(model, autocast=True)
+        print(f"  bf16 autocast: {t * 1e3:.1f} ms ({eager / t:.2f}x)")
+        for autocast in (False, True) if args.ops else ():
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                update(model, autocast=autocast)
+            print(f"  one update, {'bf16 autocast' if autocast else 'fp32'}:")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops))
     if args.sparse_embedding:
         dense, _ = grads()
         model.get_input_embeddings().sparse = True
