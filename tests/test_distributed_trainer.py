@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "dist"))
 from trainer_step import CASES, run  # noqa: E402
 
-LAUNCH = {"ddp": "cpu_2proc.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml"}
+LAUNCH = {"ddp": "cpu_2proc.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml",
+          "fsdp": "fsdp.yaml"}
 
 
 def _launch(args: list[str], tmp: Path, kind: str = "ddp", launch_flags: tuple[str, ...] = (), cpu_env: bool = True,
@@ -29,7 +30,7 @@ def _launch(args: list[str], tmp: Path, kind: str = "ddp", launch_flags: tuple[s
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     env.pop("ACCELERATE_USE_CPU", None)
-    if kind == "ddp" and cpu_env:  # DeepSpeed finds the CPU itself (gloo); Accelerate's DDP must be told
+    if kind in ("ddp", "fsdp") and cpu_env:  # DeepSpeed finds the CPU itself (gloo); DDP and FSDP must be told
         env["ACCELERATE_USE_CPU"] = "true"
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
            str(ROOT / "examples/accelerate" / LAUNCH[kind]), "--num_processes", "2", "--main_process_port", str(port),
@@ -57,7 +58,7 @@ def two_process(tmp_path_factory):
 COMPARED = ["ppo/loss/policy", "ppo/loss/total", "ppo/policy/ratio_mean", "ppo/policy/clipfrac", "ppo/policy/approxkl",
             "ppo/grad_norm", "objective/kl", "objective/kl_estimate", "objective/entropy", "objective/non_score_reward",
             "env/reward_mean", "env/reward_std", "ppo/advantages/mean", "tokens/response_len_mean", "tokens/eos_rate"]
-TYPES = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
+TYPES = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp": "FSDP"}
 PAIRS = [(kind, name) for kind in sorted(CASES) for name in CASES[kind]]
 
 
@@ -70,6 +71,7 @@ def test_two_process_update_equals_one_process_update(two_process, kind, name, t
         keys = [k for k in keys if not k.endswith("grad_norm")]
     for res in two_process(kind):
         assert res["distributed_type"].endswith(TYPES[kind])
+        assert res[name]["param_type"] == ("DTensor" if kind == "fsdp" else "Parameter")
         for k in keys:
             assert abs(res[name]["stats"][k] - one["stats"][k]) < 1e-5, (k, res[name]["stats"][k], one["stats"][k])
         for k, w in one["weights"].items():  # every process ends with the single process's weights
@@ -139,32 +141,35 @@ def test_two_process_tether_ppo_learns_like_one_process_and_resumes(run_files):
 
 
 @pytest.mark.slow
-def test_zero3_tether_ppo_learns_resumes_and_saves_a_whole_model(run_files):
-    """ZeRO-3 shards every parameter: generation runs in lockstep, checkpoints are DeepSpeed's shards, and the
-    final policy is gathered into a folder transformers loads."""
+@pytest.mark.parametrize("kind", ["zero3", "fsdp"])
+def test_sharded_tether_ppo_learns_resumes_and_saves_a_whole_model(run_files, kind):
+    """ZeRO-3 and FSDP shard every parameter: generation runs in lockstep, checkpoints are every process's
+    shards, and the final policy is gathered into a folder transformers loads."""
     from transformers import AutoModelForCausalLM
 
-    _launch(["-m", "tether.cli", "ppo", *_flags(run_files, "zero3", 30)], run_files, "zero3")
-    run_dir = run_files / "zero3"
+    _launch(["-m", "tether.cli", "ppo", *_flags(run_files, kind, 30)], run_files, kind)
+    run_dir = run_files / kind
     rewards = _rewards(run_dir)
     assert len(rewards) == 30
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2, rewards
     checkpoint = run_dir / "checkpoints" / "step-00000030"
-    assert (checkpoint / "engine").is_dir() and not (checkpoint / "policy.safetensors").exists()
+    assert (checkpoint / "shards").is_dir() and not (checkpoint / "policy.safetensors").exists()
     start = AutoModelForCausalLM.from_pretrained(run_files / "model")
     trained = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
     for (name, a), b in zip(start.named_parameters(), trained.parameters()):
         assert a.shape == b.shape and torch.isfinite(b).all(), name
     assert any(not torch.equal(a, b) for a, b in zip(start.parameters(), trained.parameters()))
 
-    _launch(["-m", "tether.cli", "ppo", *_flags(run_files, "zero3", 33), "--resume"], run_files, "zero3")
+    _launch(["-m", "tether.cli", "ppo", *_flags(run_files, kind, 33), "--resume"], run_files, kind)
     assert len(_rewards(run_dir)) == 33
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000033"]
 
 
 @pytest.mark.parametrize("kind,launch_flags,cpu_env,flags,message", [
-    ("zero3", (), True, ["--lora_r", "2"], "LoRA (lora_r > 0) with DeepSpeed ZeRO-3 is not supported"),
-    ("zero2", ("--mixed_precision", "bf16"), True, [], "DeepSpeed with mixed_precision=bf16 would keep the weights"),
+    ("zero3", (), True, ["--lora_r", "2"], "LoRA (lora_r > 0) with sharded parameters (DeepSpeed ZeRO-3, FSDP)"),
+    ("fsdp", (), True, ["--lora_r", "2"], "LoRA (lora_r > 0) with sharded parameters (DeepSpeed ZeRO-3, FSDP)"),
+    ("zero2", ("--mixed_precision", "bf16"), True, [], "DEEPSPEED with mixed_precision=bf16 would keep the weights"),
+    ("fsdp", ("--mixed_precision", "bf16"), True, [], "FSDP with mixed_precision=bf16 would keep the weights"),
     ("ddp", (), False, [], "launched as 2 processes, but Accelerate sees 1"),
 ])
 def test_launches_tether_cannot_run_are_refused_before_any_work(run_files, kind, launch_flags, cpu_env, flags, message):

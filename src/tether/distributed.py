@@ -13,7 +13,7 @@ order, or the run hangs.
 """
 
 from collections.abc import Callable, Collection, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -135,11 +135,13 @@ def rank_minibatches(local_batch: int, local_minibatch: int, generator: torch.Ge
 
 def clip_if_needed(params: list[Tensor], max_norm: float) -> Tensor:
     """The gradients' global norm, scaling them down to max_norm only when it is exceeded (0: never).
-    torch's clip_grad_norm_ multiplies every gradient by 1 even when nothing is clipped."""
+    torch's clip_grad_norm_ multiplies every gradient by 1 even when nothing is clipped. Gradients may be
+    sharded DTensors (FSDP 2): their norm is then reduced over the processes."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if max_norm > 0 and norm > max_norm:
+    total = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    if max_norm > 0 and total > max_norm:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
+    return total
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -153,7 +155,7 @@ class Ranks:
 
     One process (no launcher): every collective is the identity and nothing touches accelerate's global state.
     Launched on N > 1 processes (`accelerate launch`, torchrun): an `Accelerator` owns the process group and
-    wraps the trained module, in DistributedDataParallel or in a DeepSpeed ZeRO engine (stage 1, 2 or 3).
+    wraps the trained module: DistributedDataParallel, a DeepSpeed ZeRO engine (stage 1, 2 or 3), or FSDP 2.
 
     The optimiser step goes through here too (`backward`, `step`, `discard`): DeepSpeed keeps the gradients in
     its own shards, clips them itself and takes the step inside its engine."""
@@ -164,6 +166,9 @@ class Ranks:
         self.accelerator = None
         self.engine = None  # the DeepSpeed engine, once `prepare` made it
         self.zero_stage = 0  # 0: no DeepSpeed
+        self.fsdp = False
+        self._module: torch.nn.Module | None = None  # what `prepare` wrapped, and its optimiser
+        self._optimizer: torch.optim.Optimizer | None = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             self._start(cpu)
         self.num = self.accelerator.num_processes if self.accelerator else 1
@@ -178,6 +183,7 @@ class Ranks:
         from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
         deepspeed = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+        fsdp = parse_flag_from_env("ACCELERATE_USE_FSDP")
         handlers = []
         if deepspeed and not torch.cuda.is_available():
             # Accelerate pairs DeepSpeed with a GPU backend only; on CPU it runs on gloo (DeepSpeed's CPU fallback).
@@ -193,16 +199,29 @@ class Ranks:
         if deepspeed and kind != DistributedType.DEEPSPEED:
             raise ValueError(f"the launch asks for DeepSpeed but Accelerate set up {kind.value}: is deepspeed "
                              f"installed? (ACCELERATE_USE_CPU=true also turns DeepSpeed off; leave it unset)")
+        if fsdp and kind == DistributedType.MULTI_CPU:
+            # Accelerate sets FSDP up on GPU process groups only; FSDP 2 itself runs on gloo, so on a CPU launch
+            # tether turns on the plugin the launch asked for (read from the same environment).
+            from accelerate.utils import FullyShardedDataParallelPlugin
+
+            self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+            self.accelerator.state.distributed_type = kind = DistributedType.FSDP
         if kind not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.NO,
-                        DistributedType.DEEPSPEED):
-            raise ValueError(f"tether runs on several processes with DDP or DeepSpeed ZeRO; distributed_type="
-                             f"{kind.value} (FSDP, ...) is not supported yet. See docs/distributed.md")
+                        DistributedType.DEEPSPEED, DistributedType.FSDP):
+            raise ValueError(f"tether runs on several processes with DDP, DeepSpeed ZeRO or FSDP 2; distributed_type="
+                             f"{kind.value} is not supported. See docs/distributed.md")
+        if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP) and self.accelerator.mixed_precision != "no":
+            raise ValueError(f"{kind.value} with mixed_precision={self.accelerator.mixed_precision} would keep the "
+                             f"weights (or their gathered copies) in half precision; tether keeps fp32 weights and "
+                             f"autocasts the forward passes. Launch with --mixed_precision no and set precision: bf16 "
+                             f"in the config")
         if kind == DistributedType.DEEPSPEED:
-            if self.accelerator.mixed_precision != "no":
-                raise ValueError(f"DeepSpeed with mixed_precision={self.accelerator.mixed_precision} would keep the "
-                                 f"weights in half precision; tether keeps fp32 weights and autocasts the forward "
-                                 f"passes. Launch with --mixed_precision no and set precision: bf16 in the config")
             self.zero_stage = int(self.accelerator.state.deepspeed_plugin.zero_stage)
+        if kind == DistributedType.FSDP:
+            version = self.accelerator.state.fsdp_plugin.fsdp_version
+            if version != 2:
+                raise ValueError(f"fsdp_version={version}: tether runs FSDP 2 only; set fsdp_version: 2")
+            self.fsdp = True
 
     @property
     def device(self) -> torch.device | None:
@@ -210,16 +229,36 @@ class Ranks:
 
     @property
     def sharded(self) -> bool:
-        """Parameters split over the processes (ZeRO-3): every forward pass gathers them, so all processes must
-        run the same forward passes, generation steps included."""
-        return self.zero_stage == 3
+        """Parameters split over the processes (ZeRO-3, FSDP): every forward pass gathers them, so all processes
+        must run the same forward passes, generation steps included."""
+        return self.zero_stage == 3 or self.fsdp
+
+    @property
+    def sharded_state(self) -> bool:
+        """Weights or optimiser states split over the processes (DeepSpeed, FSDP): every process writes its
+        shard of a checkpoint (`save_shards`)."""
+        return self.engine is not None or self.fsdp
 
     @contextmanager
     def whole_models(self):
         """Models loaded inside are whole on every process. Under ZeRO-3 transformers would otherwise load them
-        sharded (through Accelerate's DeepSpeed settings), and only the trained module's engine can run those."""
+        sharded (through Accelerate's DeepSpeed settings), and only the trained module's engine can run those;
+        under FSDP with cpu_ram_efficient_loading, empty on all but the main process."""
+        import os
+
         if not self.sharded:
             yield
+            return
+        if self.fsdp:
+            saved = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING")
+            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+            try:
+                yield
+            finally:
+                if saved is None:
+                    os.environ.pop("FSDP_CPU_RAM_EFFICIENT_LOADING")
+                else:
+                    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = saved
             return
         from transformers.integrations import unset_hf_deepspeed_config
 
@@ -230,12 +269,23 @@ class Ranks:
             self.accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
     def prepare(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, minibatch_size: int,
-                gradient_accumulation_steps: int, max_grad_norm: float) -> torch.nn.Module:
+                gradient_accumulation_steps: int, max_grad_norm: float,
+                forward_methods: Sequence[str] = ()) -> torch.nn.Module:
         """The trained module wrapped for N processes (itself with one): call its forward through what this
         returns. Under DeepSpeed the engine also takes over `optimizer` (its states sharded over the processes);
-        its batch sizes, accumulation and clipping are set from tether's config, whatever the launch config says."""
+        its batch sizes, accumulation and clipping are set from tether's config, whatever the launch config says.
+        forward_methods: `module`'s methods that run its parts directly (sampling); FSDP gathers its root unit
+        around each call, as around a forward pass."""
         if self.accelerator is None:
             return module
+        self._module, self._optimizer = module, optimizer
+        if self.fsdp:  # FSDP 2 shards in place and points the optimiser at the sharded parameters
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            wrapped = self.accelerator.prepare(module, optimizer)[0]
+            for name in forward_methods:
+                register_fsdp_forward_method(wrapped, name)
+            return wrapped
         if not self.zero_stage:
             return self.accelerator.prepare_model(module)
         config = self.accelerator.state.deepspeed_plugin.deepspeed_config
@@ -260,7 +310,7 @@ class Ranks:
         """After the last micro-batch's backward: clip, then step unless a gradient norm is not finite (then the
         gradients are dropped). -> the norms before clipping (one per clip group; under DeepSpeed a single norm
         over every group, which it clips together), None when the step was skipped."""
-        if self.engine is None:
+        if self.engine is None:  # FSDP's gradients are sharded DTensors: clip_if_needed takes those too
             norms = [clip_if_needed(group, max_norm) for group in clip_groups]
             if not all(torch.isfinite(n) for n in norms):  # clipping leaves nan/inf as they are
                 optimizer.zero_grad(set_to_none=True)
@@ -283,22 +333,49 @@ class Ranks:
         self.engine.backward(loss * float("nan"), scale_wrt_gas=False)
         self.engine.step()
 
-    def gathered(self, module: torch.nn.Module):
-        """Inside: `module`'s whole parameters on every process (ZeRO-3 shards them), e.g. to save it."""
+    def full_state_dict(self, module: torch.nn.Module) -> dict[str, Tensor] | None:
+        """`module`'s whole weights on every process (CPU tensors) when its parameters are sharded (ZeRO-3,
+        FSDP), else None: read the module itself. A collective."""
         if not self.sharded:
-            return nullcontext()
+            return None
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+            return {k: v.detach().cpu().clone() for k, v in full.items()}
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
-    def save_engine(self, directory: Path) -> None:
-        """Every process writes its shard of the weights and optimiser states under `directory`."""
-        self.engine.save_checkpoint(str(directory), tag="engine", save_latest=False)
+    def save_shards(self, directory: Path) -> None:
+        """Every process writes its shard of the weights and optimiser states under `directory`: DeepSpeed's own
+        checkpoint, or an FSDP distributed checkpoint (torch.distributed.checkpoint)."""
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(directory), tag="engine", save_latest=False)
+            return
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    def load_engine(self, directory: Path) -> None:
-        loaded, _ = self.engine.load_checkpoint(str(directory), tag="engine", load_lr_scheduler_states=False)
-        if loaded is None:
-            raise ValueError(f"DeepSpeed found no checkpoint to load in {directory}")
+        model, optim = get_state_dict(self._module, self._optimizer)
+        dcp.save({"model": model, "optimizer": optim}, checkpoint_id=str(directory))
+
+    def load_shards(self, directory: Path) -> None:
+        if not directory.is_dir():
+            raise ValueError(f"no sharded weights in {directory}: was the checkpoint written by another setup?")
+        if self.engine is not None:
+            loaded, _ = self.engine.load_checkpoint(str(directory), tag="engine", load_lr_scheduler_states=False)
+            if loaded is None:
+                raise ValueError(f"DeepSpeed found no checkpoint to load in {directory}")
+            return
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model, optim = get_state_dict(self._module, self._optimizer)
+        state = {"model": model, "optimizer": optim}
+        dcp.load(state, checkpoint_id=str(directory))
+        set_state_dict(self._module, self._optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
 
     def gather(self, x: Tensor) -> Tensor:
         """Every process's (n, ...) tensor, concatenated in rank order (all n equal)."""

@@ -25,7 +25,7 @@ CONFIGS = {
 }
 CONFIGS["ppo_critic"] = {**CONFIGS["ppo_lora_critic"], "lora_r": 0}  # LoRA is refused on ZeRO-3
 CASES = {"ddp": ["grpo", "ppo", "ppo_lora_critic"], "zero2": ["grpo", "ppo", "ppo_lora_critic"],
-         "zero3": ["grpo", "ppo", "ppo_critic"]}
+         "zero3": ["grpo", "ppo", "ppo_critic"], "fsdp": ["grpo", "ppo", "ppo_critic"]}
 
 
 def rollouts(tok):
@@ -84,8 +84,9 @@ def run(name: str, out: Path, rank: int, num: int) -> dict:
     rows = slice(rank * B // num, (rank + 1) * B // num)
 
     def weights() -> dict:
-        with trainer.ranks.gathered(trainer.trainable):  # ZeRO-3 holds a shard of each parameter
-            return {k: v.detach().cpu().clone() for k, v in trainer.trainable.state_dict().items()}
+        whole = trainer.ranks.full_state_dict(trainer.trainable)  # ZeRO-3 and FSDP hold shards
+        return whole if whole is not None else {k: v.detach().cpu().clone()
+                                                for k, v in trainer.trainable.state_dict().items()}
 
     start = weights()
     with poisoned(trainer, rank, num):
@@ -100,15 +101,15 @@ def run(name: str, out: Path, rank: int, num: int) -> dict:
     with torch.no_grad():
         skipped = trainer.step(queries[rows], responses[rows], nan_scores[rows])
     unchanged = all(torch.equal(after[k], v) for k, v in weights().items())
-    return {"stats": stats, "weights": after, "skipped": skipped, "unchanged_after_skip": unchanged,
+    g = trainer.ranks
+    kind = "FSDP" if g.fsdp else str(g.accelerator.distributed_type) if g.accelerator else "NO"
+    return {"distributed_type": kind, "param_type": type(next(trainer.trainable.parameters())).__name__,
+            "stats": stats, "weights": after, "skipped": skipped, "unchanged_after_skip": unchanged,
             "faulted": faulted, "over_ratio": over_ratio, "skipped_updates_unchanged": skipped_updates_unchanged}
 
 
 if __name__ == "__main__":
-    from accelerate import PartialState
-
     out = Path(sys.argv[1])
     results = {name: run(name, out, int(os.environ["RANK"]), 2) for name in CASES[sys.argv[2]]}
-    state = PartialState()
-    results["distributed_type"] = str(state.distributed_type)
-    torch.save(results, out / f"rank{state.process_index}.pt")
+    results["distributed_type"] = results[CASES[sys.argv[2]][0]]["distributed_type"]
+    torch.save(results, out / f"rank{os.environ['RANK']}.pt")

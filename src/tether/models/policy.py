@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
-from tether.rollout.generate import forward_params, positions
+from tether.rollout.generate import Rollout, forward_params, positions, sample
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -96,19 +96,28 @@ class PolicyWithValueHead(nn.Module):
                                           hidden=self.value_head is not None)
         return logits, None if hidden is None else self.value_head(hidden.float()).squeeze(-1)
 
-    def save_pretrained(self, directory: str | Path, tokenizer=None, model: PreTrainedModel | None = None) -> None:
+    def save_pretrained(self, directory: str | Path, tokenizer=None, model: PreTrainedModel | None = None,
+                        state_dict: dict[str, Tensor] | None = None) -> None:
         """A folder `AutoModelForCausalLM.from_pretrained` loads; the value head sits beside it. `model` stands in
-        for the policy's own (e.g. a copy with LoRA merged in)."""
+        for the policy's own (e.g. a copy with LoRA merged in); `state_dict` (keys model.*, value_head.*) for
+        its weights, when this module's own are shards."""
         directory = Path(directory)
-        (model if model is not None else self.model).save_pretrained(directory)
+        model = model if model is not None else self.model
+        whole = {} if state_dict is None else {"state_dict": state_dict_part(state_dict, "model.")}
+        model.save_pretrained(directory, **whole)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         if self.value_head is not None:
-            save_value_head(self.value_head, directory)
+            head = self.value_head.state_dict() if state_dict is None else state_dict_part(state_dict, "value_head.")
+            save_value_head(head, directory)
 
 
-def save_value_head(head: nn.Linear, directory: Path) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, directory / VALUE_HEAD_FILE)
+def save_value_head(head: dict[str, Tensor], directory: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, directory / VALUE_HEAD_FILE)
+
+
+def state_dict_part(state_dict: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 class Critic(nn.Module):
@@ -155,10 +164,14 @@ class Critic(nn.Module):
         hidden = out.last_hidden_state[:, query_ids.shape[1] - 1:-1]
         return self.head(hidden.float()).squeeze(-1)
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        """The body's folder with the head beside it; `state_dict` (keys body.*, head.*) stands in for the
+        weights when this module's own are shards."""
         directory = Path(directory)
-        self.body.save_pretrained(directory)
-        save_value_head(self.head, directory)
+        self.body.save_pretrained(directory, **({} if state_dict is None else {"state_dict": state_dict_part(state_dict,
+                                                                                                         "body.")}))
+        save_value_head(self.head.state_dict() if state_dict is None else state_dict_part(state_dict, "head."),
+                        directory)
 
 
 class Trained(nn.Module):
@@ -170,6 +183,14 @@ class Trained(nn.Module):
         super().__init__()
         self.policy = policy
         self.critic = critic
+        # the transformer blocks, for FSDP's per-block wrapping (TRANSFORMER_BASED_WRAP)
+        models = [policy.model] + ([critic.body] if critic is not None else [])
+        self._no_split_modules = sorted({n for m in models for n in (getattr(m, "_no_split_modules", None) or [])})
+
+    def rollout(self, *args, **kwargs) -> Rollout:
+        """Sampling with the policy (`tether.rollout.sample(policy, *args, **kwargs)`). A method of the trained
+        module so that FSDP can run a whole rollout as one forward pass of its root unit (`Ranks.prepare`)."""
+        return sample(self.policy.model, *args, **kwargs)
 
     def forward(self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor) -> tuple[Tensor, Tensor | None]:
         """-> policy logits (B, T, V), values (B, T) from the critic or the value head (None without either)."""

@@ -33,6 +33,7 @@ from tether.models.policy import (
     frozen_reference,
     load_causal_lm,
     response_forward,
+    state_dict_part,
 )
 from tether.models.rewards import resolve_reward, score_batch
 from tether.ops import gather_logprobs, get_estimator, masked_mean, masked_whiten
@@ -41,7 +42,7 @@ from tether.ops.logprobs import token_stats
 from tether.ops.masks import response_mask
 from tether.ops.rewards import RunningMoments
 from tether.report import build_report
-from tether.rollout import Sampler, sample
+from tether.rollout import Sampler
 from tether.trainers.batching import left_pad, right_pad
 from tether.trainers.checkpoint import maybe_resume, write_checkpoint
 from tether.trainers.guards import FaultCounter, warn_if_negative_kl
@@ -101,8 +102,9 @@ class RLTrainer:
                              "ref_model cannot be given as well")
         self.ranks = Ranks(cpu=c.device == "cpu")
         if c.lora_r and self.ranks.sharded:
-            raise ValueError("LoRA (lora_r > 0) with DeepSpeed ZeRO-3 is not supported yet: run LoRA on ZeRO-2, "
-                             "where the adapter's optimiser states are sharded and the frozen base is not")
+            raise ValueError("LoRA (lora_r > 0) with sharded parameters (DeepSpeed ZeRO-3, FSDP) is not supported "
+                             "yet: run LoRA on DDP or ZeRO-2; the adapter is small and the frozen base needs no "
+                             "optimiser state")
         # Sizes in the config are global; this process holds local_batch rollouts and local_minibatch rows of each
         # minibatch (whole groups of num_generations each).
         self.local_batch, self.local_minibatch = check_sizes(c.batch_size, c.minibatch_size, self.ranks.num,
@@ -158,7 +160,10 @@ class RLTrainer:
                                        num_training_steps=updates)
         # Forward passes that train go through this: DDP or a DeepSpeed engine on several processes.
         self.trainable_forward = self.ranks.prepare(self.trainable, self.optimizer, c.minibatch_size,
-                                                    c.gradient_accumulation_steps, c.max_grad_norm)
+                                                    c.gradient_accumulation_steps, c.max_grad_norm, ["rollout"])
+        if self.ranks.fsdp:  # FSDP 2 replaced the parameters with sharded ones
+            self.clip_groups = [[p for p in m.parameters() if p.requires_grad]
+                                for m in ([self.policy, critic] if critic is not None else [self.policy])]
         self.sample_generator = torch.Generator(self.device).manual_seed(rank_seed(c.seed, self.ranks.rank))
         self.shuffle_generator = torch.Generator().manual_seed(c.seed + 1)  # minibatch partitions
         self.data_generator = torch.Generator().manual_seed(c.seed + 2)  # prompt order
@@ -182,7 +187,7 @@ class RLTrainer:
         check_token_rows(query_tensors, "query", self.vocab_size)
         ids, mask = left_pad(query_tensors, self.tokenizer.pad_token_id)
         with self.autocast():
-            rollout = sample(self.policy.model, self.sampler, ids.to(self.device), mask.to(self.device),
+            rollout = self.trainable.rollout(self.sampler, ids.to(self.device), mask.to(self.device),
                              self.config.max_new_tokens, self.tokenizer.pad_token_id, self.sample_generator,
                              # sharded parameters: every process runs every decoding step until all are done
                              all_done=self._all_done if self.ranks.sharded else None)
@@ -320,9 +325,9 @@ class RLTrainer:
                 history.append(stats)
                 if self.step_count == c.steps or (c.checkpoint_every and self.step_count % c.checkpoint_every == 0):
                     self.save_checkpoint()
-            with g.gathered(self.trainable):  # ZeRO-3: every process gathers, the main process writes
-                if g.is_main:
-                    self.save(Path(c.output_dir) / "policy")
+            whole = g.full_state_dict(self.trainable)  # sharded parameters: gathered by all processes
+            if g.is_main:
+                self.save(Path(c.output_dir) / "policy", whole)
         if g.is_main:
             build_report(c.output_dir)
         g.wait()
@@ -335,18 +340,23 @@ class RLTrainer:
     def _maybe_resume(self) -> None:
         maybe_resume(self)
 
-    def save(self, directory: str | Path) -> None:
+    def save(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
         """The policy as a folder AutoModelForCausalLM loads (LoRA merged in; the adapter alone in
-        DIRECTORY/adapter), and a separate critic in DIRECTORY/critic."""
+        DIRECTORY/adapter), and a separate critic in DIRECTORY/critic. state_dict: the trained module's whole
+        weights (`Ranks.full_state_dict`) when its own parameters are shards."""
         directory = Path(directory)
+
+        def part(prefix: str) -> dict[str, Tensor] | None:
+            return None if state_dict is None else state_dict_part(state_dict, prefix)
+
         if self.peft is None:
-            self.policy.save_pretrained(directory, self.tokenizer)
+            self.policy.save_pretrained(directory, self.tokenizer, state_dict=part("policy."))
         else:
             self.peft.save_pretrained(directory / "adapter")
             merged = copy.deepcopy(self.peft).merge_and_unload()
             self.policy.save_pretrained(directory, self.tokenizer, model=merged)
         if self.critic is not None:
-            self.critic.save_pretrained(directory / "critic")
+            self.critic.save_pretrained(directory / "critic", state_dict=part("critic."))
 
     def _reference_forward(self, q_ids: Tensor, q_mask: Tensor, r_ids: Tensor) -> Tensor:
         """Reference logits (B, T, V): the frozen copy, or with LoRA the policy with its adapters off."""

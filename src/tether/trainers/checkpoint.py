@@ -19,7 +19,7 @@ from safetensors.torch import load_model, save_model
 
 log = logging.getLogger("tether")
 _NAME = re.compile(r"^step-(\d{8})$")
-WEIGHTS, STATE, ENGINE = "policy.safetensors", "trainer_state.pt", "engine"
+WEIGHTS, STATE, SHARDS = "policy.safetensors", "trainer_state.pt", "shards"
 
 
 def _fsync(path: Path) -> None:
@@ -105,8 +105,8 @@ def capture_state(trainer) -> dict:
     return {
         "config": trainer.config.to_dict(),
         "step": trainer.step_count,
-        # under DeepSpeed the optimiser states are sharded: the engine writes them (`write_checkpoint`)
-        **({"optimizer": trainer.optimizer.state_dict()} if trainer.ranks.engine is None else {}),
+        # under DeepSpeed and FSDP the optimiser states are sharded: every process writes its own (`write_checkpoint`)
+        **({"optimizer": trainer.optimizer.state_dict()} if not trainer.ranks.sharded_state else {}),
         "scheduler": trainer.scheduler.state_dict(),
         "kl_ctl": trainer.kl_ctl.state_dict(),
         "score_moments": trainer.score_moments.state_dict(),
@@ -152,8 +152,8 @@ def restore_state(trainer, state: dict) -> None:
 
 def write_checkpoint(trainer) -> Path:
     """The trainer's checkpoint at its current step. On several processes every process must call it: each
-    one's random state is gathered into the checkpoint, and the main process writes it. Under DeepSpeed every
-    process also writes its shard of the weights and optimiser states into the folder's `engine/`."""
+    one's random state is gathered into the checkpoint, and the main process writes it. Under DeepSpeed and FSDP
+    every process also writes its shard of the weights and optimiser states into the folder's `shards/`."""
     g = trainer.ranks
     state = {**capture_state(trainer), "num_processes": g.num}
     if g.num > 1:
@@ -162,11 +162,11 @@ def write_checkpoint(trainer) -> Path:
     path = root / f"step-{trainer.step_count:08d}"
     tmp = begin_checkpoint(root, trainer.step_count) if g.is_main else root / f".tmp-{path.name}"
     g.wait()
-    if g.engine is not None:
-        g.save_engine(tmp / ENGINE)
+    if g.sharded_state:
+        g.save_shards(tmp / SHARDS)
         g.wait()
     if g.is_main:
-        commit_checkpoint(root, trainer.step_count, tmp, trainer.trainable if g.engine is None else None, state,
+        commit_checkpoint(root, trainer.step_count, tmp, None if g.sharded_state else trainer.trainable, state,
                           keep=trainer.config.keep_checkpoints)
     g.wait()
     return path
@@ -187,18 +187,18 @@ def maybe_resume(trainer) -> None:
             raise ValueError(f"resume=true but {c.output_dir!r} holds no checkpoint to resume from")
         return
     g = trainer.ranks
-    state = load_checkpoint(checkpoints[-1], trainer.trainable if g.engine is None else None)
-    if (g.engine is None) != ("optimizer" in state):
-        raise ValueError(f"cannot resume: {checkpoints[-1]} was written {'without' if 'optimizer' in state else 'by'} "
-                         f"DeepSpeed and this run is {'not ' if g.engine is None else ''}on DeepSpeed; resume it "
-                         f"the way it was launched")
+    state = load_checkpoint(checkpoints[-1], None if g.sharded_state else trainer.trainable)
+    if g.sharded_state == ("optimizer" in state):
+        written, now = ("with", "shards") if g.sharded_state else ("without", "does not shard")
+        raise ValueError(f"cannot resume: {checkpoints[-1]} was written {written} sharded weights and optimiser "
+                         f"states, and this run {now} them (DeepSpeed, FSDP); resume it the way it was launched")
     if state.get("num_processes", 1) != trainer.ranks.num:
         raise ValueError(f"cannot resume: {checkpoints[-1]} was written by {state.get('num_processes', 1)} "
                          f"process(es), this run has {trainer.ranks.num}; every process's random state is in the "
                          f"checkpoint, so resume with the same number")
     if "rng_per_rank" in state:
         state["rng"] = state["rng_per_rank"][trainer.ranks.rank]
-    if g.engine is not None:
-        g.load_engine(checkpoints[-1] / ENGINE)
+    if g.sharded_state:
+        g.load_shards(checkpoints[-1] / SHARDS)
     restore_state(trainer, state)
     log.info("resumed from %s at step %d", checkpoints[-1], trainer.step_count)
