@@ -170,6 +170,7 @@ def test_sharded_tether_ppo_learns_resumes_and_saves_a_whole_model(run_files, ki
     ("fsdp", (), True, ["--lora_r", "2"], "LoRA (lora_r > 0) with sharded parameters (DeepSpeed ZeRO-3, FSDP)"),
     ("zero2", ("--mixed_precision", "bf16"), True, [], "DEEPSPEED with mixed_precision=bf16 would keep the weights"),
     ("fsdp", ("--mixed_precision", "bf16"), True, [], "FSDP with mixed_precision=bf16 would keep the weights"),
+    ("fsdp", ("--fsdp_version", "1"), True, [], "fsdp_version=1: tether runs FSDP 2 only"),
     ("ddp", (), False, [], "launched as 2 processes, but Accelerate sees 1"),
 ])
 def test_launches_tether_cannot_run_are_refused_before_any_work(run_files, kind, launch_flags, cpu_env, flags, message):

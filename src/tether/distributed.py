@@ -184,6 +184,9 @@ class Ranks:
 
         deepspeed = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
         fsdp = parse_flag_from_env("ACCELERATE_USE_FSDP")
+        if fsdp and os.environ.get("FSDP_VERSION", "1") != "2":  # Accelerate's default is FSDP 1
+            raise ValueError(f"fsdp_version={os.environ.get('FSDP_VERSION', '1')}: tether runs FSDP 2 only; set "
+                             f"fsdp_version: 2 in the Accelerate config")
         handlers = []
         if deepspeed and not torch.cuda.is_available():
             # Accelerate pairs DeepSpeed with a GPU backend only; on CPU it runs on gloo (DeepSpeed's CPU fallback).
@@ -217,11 +220,7 @@ class Ranks:
                              f"in the config")
         if kind == DistributedType.DEEPSPEED:
             self.zero_stage = int(self.accelerator.state.deepspeed_plugin.zero_stage)
-        if kind == DistributedType.FSDP:
-            version = self.accelerator.state.fsdp_plugin.fsdp_version
-            if version != 2:
-                raise ValueError(f"fsdp_version={version}: tether runs FSDP 2 only; set fsdp_version: 2")
-            self.fsdp = True
+        self.fsdp = kind == DistributedType.FSDP
 
     @property
     def device(self) -> torch.device | None:
