@@ -58,7 +58,8 @@ def two_process(tmp_path_factory):
 COMPARED = ["ppo/loss/policy", "ppo/loss/total", "ppo/policy/ratio_mean", "ppo/policy/clipfrac", "ppo/policy/approxkl",
             "ppo/grad_norm", "objective/kl", "objective/kl_estimate", "objective/entropy", "objective/non_score_reward",
             "env/reward_mean", "env/reward_std", "ppo/advantages/mean", "tokens/response_len_mean", "tokens/eos_rate"]
-TYPES = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp": "FSDP"}
+WRAPPERS = {"ddp": "DistributedDataParallel", "zero2": "DeepSpeedEngine", "zero3": "DeepSpeedEngine",
+            "fsdp": "FSDPTrained"}  # what wrapped the trained module
 PAIRS = [(kind, name) for kind in sorted(CASES) for name in CASES[kind]]
 
 
@@ -67,13 +68,15 @@ def test_two_process_update_equals_one_process_update(two_process, kind, name, t
     one = run(name, tmp_path, rank=0, num=1)
     keys = COMPARED + (["ppo/loss/value", "ppo/val/var_explained", "ppo/returns/mean"] if name.startswith("ppo")
                        else ["ppo/loss/kl"]) + (["ppo/critic_grad_norm"] if "critic" in name else [])
-    if "critic" in name and kind != "ddp":  # DeepSpeed has one norm over the policy and the critic together
+    if "critic" in name and kind.startswith("zero"):  # DeepSpeed has one norm over the policy and the critic
         keys = [k for k in keys if not k.endswith("grad_norm")]
     for res in two_process(kind):
-        assert res["distributed_type"].endswith(TYPES[kind])
+        assert res[name]["wrapper"] == WRAPPERS[kind]
         assert res[name]["param_type"] == ("DTensor" if kind == "fsdp" else "Parameter")
         for k in keys:
             assert abs(res[name]["stats"][k] - one["stats"][k]) < 1e-5, (k, res[name]["stats"][k], one["stats"][k])
+    for res in two_process(kind)[:1 if kind in ("zero3", "fsdp") else 2]:  # sharded: gathered on the main one
+        assert res[name]["weights"].keys() == one["weights"].keys()
         for k, w in one["weights"].items():  # every process ends with the single process's weights
             torch.testing.assert_close(res[name]["weights"][k], w, atol=1e-5, rtol=1e-4)
 
@@ -83,11 +86,12 @@ def test_skips_are_taken_on_every_process_and_leave_the_weights(two_process, kin
     """A nan loss on one process (after another micro-batch's backward), a ratio over the threshold, and a
     nan score on one process: each is skipped everywhere, and no weight moves."""
     for res in two_process(kind):
-        assert res[name]["faulted"]["faults/skipped_minibatches"] == 2  # 2 epochs of 1 minibatch
-        assert res[name]["faulted"]["faults/skipped_steps"] == 1
+        for first in (True, False):  # the nan in the first micro-batch, or in the second after a backward
+            assert res[name]["faulted"][first]["faults/skipped_minibatches"] == 2  # 2 epochs of 1 minibatch
+        assert res[name]["faulted"][False]["faults/skipped_steps"] == 2
         assert res[name]["over_ratio"]["ppo/skipped_ratio_minibatches"] == 2
         assert res[name]["skipped_updates_unchanged"]
-        assert res[name]["skipped"]["faults/skipped_steps"] == 2
+        assert res[name]["skipped"]["faults/skipped_steps"] == 3
         assert res[name]["unchanged_after_skip"]
 
 
@@ -171,6 +175,8 @@ def test_sharded_tether_ppo_learns_resumes_and_saves_a_whole_model(run_files, ki
     ("zero2", ("--mixed_precision", "bf16"), True, [], "DEEPSPEED with mixed_precision=bf16 would keep the weights"),
     ("fsdp", ("--mixed_precision", "bf16"), True, [], "FSDP with mixed_precision=bf16 would keep the weights"),
     ("fsdp", ("--fsdp_version", "1"), True, [], "fsdp_version=1: tether runs FSDP 2 only"),
+    ("zero2", ("--zero_stage", "0"), True, [], "zero_stage: 0 has no gradient averaging"),
+    ("zero2", ("--offload_optimizer_device", "cpu"), True, [], "offload_optimizer is not supported yet"),
     ("ddp", (), False, [], "launched as 2 processes, but Accelerate sees 1"),
 ])
 def test_launches_tether_cannot_run_are_refused_before_any_work(run_files, kind, launch_flags, cpu_env, flags, message):
@@ -178,3 +184,11 @@ def test_launches_tether_cannot_run_are_refused_before_any_work(run_files, kind,
                    launch_flags, cpu_env, ok=False)
     assert message in proc.stderr, proc.stderr[-3000:]
     assert not (run_files / "refused" / "metrics.jsonl").exists()
+
+
+def test_resuming_under_another_sharding_is_refused(run_files):
+    """A DDP checkpoint holds whole weights and AdamW states; ZeRO-2 expects its own shards."""
+    _launch(["-m", "tether.cli", "ppo", *_flags(run_files, "switch", 2)], run_files, "ddp")
+    proc = _launch(["-m", "tether.cli", "ppo", *_flags(run_files, "switch", 3), "--resume"], run_files, "zero2",
+                   ok=False)
+    assert "written with sharding none and this run has deepspeed-zero2" in proc.stderr, proc.stderr[-3000:]

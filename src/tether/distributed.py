@@ -9,7 +9,8 @@ Sizes are global: `batch_size` rollouts per step and `minibatch_size` rows per o
 together. Rank r of N owns rows r*B/N .. (r+1)*B/N of the global batch and its share of every minibatch.
 
 All functions except `check_sizes` and `rank_seed` are collectives: every process must call them, in the same
-order, or the run hangs.
+order, or the run hangs. `Ranks`, at the end, is what a trainer holds: these collectives for its process group,
+and the wrapping, optimiser step and checkpoint shards of its trained module under DDP, DeepSpeed ZeRO or FSDP 2.
 """
 
 from collections.abc import Callable, Collection, Sequence
@@ -219,8 +220,25 @@ class Ranks:
                              f"autocasts the forward passes. Launch with --mixed_precision no and set precision: bf16 "
                              f"in the config")
         if kind == DistributedType.DEEPSPEED:
-            self.zero_stage = int(self.accelerator.state.deepspeed_plugin.zero_stage)
+            self._check_deepspeed(self.accelerator.state.deepspeed_plugin)
         self.fsdp = kind == DistributedType.FSDP
+
+    def _check_deepspeed(self, plugin) -> None:
+        self.zero_stage = int(plugin.zero_stage)
+        if self.zero_stage == 0:  # Accelerate wraps nothing then: every process would train on its own
+            raise ValueError("DeepSpeed zero_stage: 0 has no gradient averaging under Accelerate; use stage 1, 2 or "
+                             "3, or plain DDP (examples/accelerate/ddp_multi_gpu.yaml)")
+        zero = plugin.deepspeed_config.get("zero_optimization", {})
+        offloaded = [k for k in ("offload_optimizer", "offload_param")
+                     if str((zero.get(k) or {}).get("device", "none")).lower() not in ("none", "auto")]
+        if offloaded:  # DeepSpeed would swap in its own CPU optimiser, which tether's schedule does not drive
+            raise ValueError(f"DeepSpeed {' and '.join(offloaded)} is not supported yet; set the offload devices "
+                             f"to none")
+
+    @property
+    def sharding(self) -> str:
+        """How weights and optimiser states are laid out over the processes (recorded in checkpoints)."""
+        return f"deepspeed-zero{self.zero_stage}" if self.zero_stage else "fsdp2" if self.fsdp else "none"
 
     @property
     def device(self) -> torch.device | None:
@@ -279,8 +297,12 @@ class Ranks:
             return module
         self._module, self._optimizer = module, optimizer
         if self.fsdp:  # FSDP 2 shards in place and points the optimiser at the sharded parameters
+            from accelerate.utils import DistributedType
             from torch.distributed.fsdp import register_fsdp_forward_method
 
+            # Accelerate's AcceleratorState() re-reads the process group's type (MULTI_CPU on a CPU) each time it
+            # is built; say FSDP again where it matters, at prepare.
+            self.accelerator.state.distributed_type = DistributedType.FSDP
             wrapped = self.accelerator.prepare(module, optimizer)[0]
             for name in forward_methods:
                 register_fsdp_forward_method(wrapped, name)
@@ -323,9 +345,12 @@ class Ranks:
 
     def discard(self, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
         """Drop the gradients accumulated in this minibatch without a step (`loss`: the current micro-batch's,
-        not yet backpropagated). DeepSpeed holds them in its own shards: a backward of the nan-poisoned loss makes
-        its overflow check skip the step and clear every shard, on every process."""
+        not yet backpropagated). Its backward still runs, so that DDP's and FSDP's per-step bookkeeping (which
+        expects one backward per forward) completes; then the gradients are zeroed. DeepSpeed holds them in its
+        own shards: a backward of the nan-poisoned loss makes its overflow check skip the step and clear every
+        shard, on every process."""
         if self.engine is None:
+            loss.backward()
             optimizer.zero_grad(set_to_none=True)
             return
         self.engine.set_gradient_accumulation_boundary(True)
@@ -333,19 +358,16 @@ class Ranks:
         self.engine.step()
 
     def full_state_dict(self, module: torch.nn.Module) -> dict[str, Tensor] | None:
-        """`module`'s whole weights on every process (CPU tensors) when its parameters are sharded (ZeRO-3,
-        FSDP), else None: read the module itself. A collective."""
+        """When `module`'s parameters are sharded (ZeRO-3, FSDP): its whole weights on the main process, gathered
+        one parameter at a time into CPU memory, and an empty dict on the others. Else None: read the module
+        itself. A collective."""
         if not self.sharded:
             return None
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
-            return {k: v.detach().cpu().clone() for k, v in full.items()}
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+            return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.accelerator.get_state_dict(self.engine) or {}  # stage3_gather_16bit_weights_on_model_save
 
     def save_shards(self, directory: Path) -> None:
         """Every process writes its shard of the weights and optimiser states under `directory`: DeepSpeed's own
@@ -393,11 +415,16 @@ class Ranks:
             return bool(flag)
         return bool(self.all_reduce(torch.tensor([float(flag)], device=self.accelerator.device)).item() > 0)
 
+    def all(self, flag: bool) -> bool:
+        """True on every process when it is True on all."""
+        return not self.any(not flag)
+
     def no_sync(self, modules: Sequence[torch.nn.Module]):
         """Skip DDP's gradient all-reduce (for all but the last micro-batch of a minibatch); DeepSpeed's engine
-        is told by `backward(loss, last)` instead."""
+        is told by `backward(loss, last)` instead. FSDP reduce-scatters after every micro-batch, so that the
+        gradients stay sharded (its no_sync would keep whole unsharded gradients between micro-batches)."""
         stack = ExitStack()
-        if self.accelerator is not None and self.engine is None:
+        if self.accelerator is not None and self.engine is None and not self.fsdp:
             for module in modules:
                 stack.enter_context(self.accelerator.no_sync(module))
         return stack

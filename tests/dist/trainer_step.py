@@ -45,17 +45,17 @@ def rollouts(tok):
 
 
 @contextmanager
-def poisoned(trainer, rank: int, num: int):
-    """Every update's second micro-batch gets a nan loss on the last process only: every update must then be
-    skipped on all processes, the first micro-batch's gradients (already accumulated) dropped."""
+def poisoned(trainer, rank: int, num: int, first: bool):
+    """Every update's first (or second) micro-batch gets a nan loss on the last process only: every update must
+    then be skipped on all processes, and gradients already accumulated (by the first) dropped."""
     calls = itertools.count()
     micro_loss = trainer._micro_loss
 
-    def nan_on_second(*args):
+    def nan_loss(*args):
         loss, parts = micro_loss(*args)
-        return (loss * float("nan") if next(calls) % 2 == 1 and rank == num - 1 else loss), parts
+        return (loss * float("nan") if next(calls) % 2 == (0 if first else 1) and rank == num - 1 else loss), parts
 
-    trainer._micro_loss = nan_on_second
+    trainer._micro_loss = nan_loss
     try:
         yield
     finally:
@@ -84,13 +84,15 @@ def run(name: str, out: Path, rank: int, num: int) -> dict:
     rows = slice(rank * B // num, (rank + 1) * B // num)
 
     def weights() -> dict:
-        whole = trainer.ranks.full_state_dict(trainer.trainable)  # ZeRO-3 and FSDP hold shards
+        whole = trainer.ranks.full_state_dict(trainer.trainable)  # ZeRO-3, FSDP: on the main process only
         return whole if whole is not None else {k: v.detach().cpu().clone()
                                                 for k, v in trainer.trainable.state_dict().items()}
 
     start = weights()
-    with poisoned(trainer, rank, num):
-        faulted = trainer.step(queries[rows], responses[rows], scores[rows])
+    faulted = {}
+    for first in (True, False):
+        with poisoned(trainer, rank, num, first):
+            faulted[first] = trainer.step(queries[rows], responses[rows], scores[rows])
     with ratio_threshold(trainer, 0.5):
         over_ratio = trainer.step(queries[rows], responses[rows], scores[rows])
     skipped_updates_unchanged = all(torch.equal(start[k], v) for k, v in weights().items())
@@ -101,9 +103,7 @@ def run(name: str, out: Path, rank: int, num: int) -> dict:
     with torch.no_grad():
         skipped = trainer.step(queries[rows], responses[rows], nan_scores[rows])
     unchanged = all(torch.equal(after[k], v) for k, v in weights().items())
-    g = trainer.ranks
-    kind = "FSDP" if g.fsdp else str(g.accelerator.distributed_type) if g.accelerator else "NO"
-    return {"distributed_type": kind, "param_type": type(next(trainer.trainable.parameters())).__name__,
+    return {"wrapper": type(trainer.trainable_forward).__name__, "param_type": type(next(trainer.trainable.parameters())).__name__,
             "stats": stats, "weights": after, "skipped": skipped, "unchanged_after_skip": unchanged,
             "faulted": faulted, "over_ratio": over_ratio, "skipped_updates_unchanged": skipped_updates_unchanged}
 
@@ -111,5 +111,4 @@ def run(name: str, out: Path, rank: int, num: int) -> dict:
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     results = {name: run(name, out, int(os.environ["RANK"]), 2) for name in CASES[sys.argv[2]]}
-    results["distributed_type"] = results[CASES[sys.argv[2]][0]]["distributed_type"]
     torch.save(results, out / f"rank{os.environ['RANK']}.pt")

@@ -150,20 +150,18 @@ class RLTrainer:
         self.kl_ctl = (AdaptiveKLController(c.init_kl_coef, c.kl_target, c.kl_horizon) if c.adaptive_kl
                        else FixedKLController(c.init_kl_coef))
         self.score_moments = RunningMoments()
-        # Clipped apart: a separate critic's large early gradients must not shrink the policy's step.
-        self.clip_groups = [[p for p in m.parameters() if p.requires_grad]
-                            for m in ([self.policy, critic] if critic is not None else [self.policy])]
-        self.optimizer = make_adamw([p for group in self.clip_groups for p in group], lr=c.learning_rate,
+        self.optimizer = make_adamw([p for p in self.trainable.parameters() if p.requires_grad], lr=c.learning_rate,
                                     weight_decay=c.weight_decay, eps=c.adam_eps)
         updates = c.steps * c.ppo_epochs * (c.batch_size // c.minibatch_size)
         self.scheduler = get_scheduler(c.lr_scheduler_type, self.optimizer, num_warmup_steps=c.warmup_steps,
                                        num_training_steps=updates)
-        # Forward passes that train go through this: DDP or a DeepSpeed engine on several processes.
+        # Forward passes that train go through this: DDP, a DeepSpeed engine or FSDP on several processes.
         self.trainable_forward = self.ranks.prepare(self.trainable, self.optimizer, c.minibatch_size,
                                                     c.gradient_accumulation_steps, c.max_grad_norm, ["rollout"])
-        if self.ranks.fsdp:  # FSDP 2 replaced the parameters with sharded ones
-            self.clip_groups = [[p for p in m.parameters() if p.requires_grad]
-                                for m in ([self.policy, critic] if critic is not None else [self.policy])]
+        # Clipped apart: a separate critic's large early gradients must not shrink the policy's step. Taken after
+        # `prepare`, which may replace the parameters (FSDP's are sharded); DeepSpeed clips with its own norm.
+        self.clip_groups = [[p for p in m.parameters() if p.requires_grad]
+                            for m in ([self.policy, critic] if critic is not None else [self.policy])]
         self.sample_generator = torch.Generator(self.device).manual_seed(rank_seed(c.seed, self.ranks.rank))
         self.shuffle_generator = torch.Generator().manual_seed(c.seed + 1)  # minibatch partitions
         self.data_generator = torch.Generator().manual_seed(c.seed + 2)  # prompt order
@@ -370,7 +368,8 @@ class RLTrainer:
             return self.trainable_forward(q_ids, q_mask, r_ids)
 
     def _all_done(self, finished: Tensor) -> bool:
-        return not self.ranks.any(not bool(finished.all()))
+        """Whether every process's rows have all ended."""
+        return self.ranks.all(bool(finished.all()))
 
     @property
     def _per_process(self) -> str:

@@ -36,10 +36,15 @@ def save_checkpoint(root: Path, step: int, policy: torch.nn.Module | None, state
     return commit_checkpoint(root, step, begin_checkpoint(root, step), policy, state, keep)
 
 
+def temporary_folder(root: Path, step: int) -> Path:
+    """Where checkpoint `step` is written before it is renamed into place."""
+    return root / f".tmp-step-{step:08d}"
+
+
 def begin_checkpoint(root: Path, step: int) -> Path:
     """The empty temporary folder that checkpoint `step` is written into."""
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-step-{step:08d}"
+    tmp = temporary_folder(root, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp
@@ -155,12 +160,12 @@ def write_checkpoint(trainer) -> Path:
     one's random state is gathered into the checkpoint, and the main process writes it. Under DeepSpeed and FSDP
     every process also writes its shard of the weights and optimiser states into the folder's `shards/`."""
     g = trainer.ranks
-    state = {**capture_state(trainer), "num_processes": g.num}
+    state = {**capture_state(trainer), "num_processes": g.num, "sharding": g.sharding}
     if g.num > 1:
         state["rng_per_rank"] = g.gather_lists([state["rng"]])
     root = Path(trainer.config.output_dir) / "checkpoints"
     path = root / f"step-{trainer.step_count:08d}"
-    tmp = begin_checkpoint(root, trainer.step_count) if g.is_main else root / f".tmp-{path.name}"
+    tmp = begin_checkpoint(root, trainer.step_count) if g.is_main else temporary_folder(root, trainer.step_count)
     g.wait()
     if g.sharded_state:
         g.save_shards(tmp / SHARDS)
@@ -187,11 +192,11 @@ def maybe_resume(trainer) -> None:
             raise ValueError(f"resume=true but {c.output_dir!r} holds no checkpoint to resume from")
         return
     g = trainer.ranks
-    state = load_checkpoint(checkpoints[-1], None if g.sharded_state else trainer.trainable)
-    if g.sharded_state == ("optimizer" in state):
-        written, now = ("with", "shards") if g.sharded_state else ("without", "does not shard")
-        raise ValueError(f"cannot resume: {checkpoints[-1]} was written {written} sharded weights and optimiser "
-                         f"states, and this run {now} them (DeepSpeed, FSDP); resume it the way it was launched")
+    state = load_checkpoint(checkpoints[-1], None)  # the trainer state: checked before any weight is touched
+    if state.get("sharding", "none") != g.sharding:
+        raise ValueError(f"cannot resume: {checkpoints[-1]} was written with sharding {state.get('sharding', 'none')}"
+                         f" and this run has {g.sharding} (DeepSpeed stage / FSDP); its weights and optimiser "
+                         f"states are laid out for the former, so resume it the way it was launched")
     if state.get("num_processes", 1) != trainer.ranks.num:
         raise ValueError(f"cannot resume: {checkpoints[-1]} was written by {state.get('num_processes', 1)} "
                          f"process(es), this run has {trainer.ranks.num}; every process's random state is in the "
@@ -200,5 +205,7 @@ def maybe_resume(trainer) -> None:
         state["rng"] = state["rng_per_rank"][trainer.ranks.rank]
     if g.sharded_state:
         g.load_shards(checkpoints[-1] / SHARDS)
+    else:
+        load_model(trainer.trainable, str(checkpoints[-1] / WEIGHTS))
     restore_state(trainer, state)
     log.info("resumed from %s at step %d", checkpoints[-1], trainer.step_count)
