@@ -159,12 +159,19 @@ def _reward_command(command: str, sub) -> None:
 
 
 def _quiet_library_progress() -> None:
-    """One live bar on the console, tether's: no weight-loading or dataset-split bars beside it."""
+    """One live bar on the console, tether's: no weight-loading or dataset-split bars beside it, and no
+    DeepSpeed warning that it found no GPU (it is imported through Accelerate whenever it is installed) on a
+    machine that has none: it picks the CPU then, as this says explicitly."""
+    import os
+
     import datasets
+    import torch
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _summary(output_dir: str, history: list[dict]) -> None:
