@@ -112,6 +112,21 @@ def test_gather_lists_keeps_rank_order_and_ragged_lengths(ranks):
         assert res["gathered_kl"] == [0.0, 1.0, 2.0, 0.5, 1.5, 2.5]
 
 
+def test_reward_spec_normaliser_uses_every_process_scores(ranks):
+    from tether.models.reward_compose import RunningNormalize
+
+    one = RunningNormalize(lambda prompts, completions: [1.0, 2.0, 4.0, float("nan"), 8.0, 16.0])
+    one([""] * 6, [""] * 6)
+    for res in ranks:
+        for k, v in one.state_dict().items():
+            close(res["moments"][k], v)
+    everything = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0], dtype=torch.float64)
+    mean, std = everything.mean(), everything.std(unbiased=False)
+    for got, want in ((ranks[0]["normalised"], [1.0, 2.0]), (ranks[1]["normalised"][2:], [8.0, 16.0])):
+        want = (torch.tensor(want, dtype=torch.float64) - mean) / std  # the scores themselves are float32
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want, rtol=1e-6, atol=1e-6)
+
+
 def test_shard_rows_and_errors(ranks):
     assert [res["shard"] for res in ranks] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert [res["slice"] for res in ranks] == [slice(0, 4), slice(4, 8)]

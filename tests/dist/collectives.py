@@ -88,6 +88,15 @@ def main(out: Path) -> None:
     res["odd_minibatch_error"] = _error(lambda: rank_slice(8, 3))
     res["accumulation_error"] = _error(lambda: rank_slice(8, 4, gradient_accumulation_steps=4))
 
+    # a reward spec's running normaliser: every process's scores update the statistics (ragged: 2 and 3 rows,
+    # a nan on rank 1 left out)
+    from tether.models.reward_compose import RunningNormalize
+
+    scores = {0: [1.0, 2.0], 1: [4.0, float("nan"), 8.0, 16.0]}[r]
+    norm = RunningNormalize(lambda prompts, completions: scores)
+    res["normalised"] = norm([""] * len(scores), [""] * len(scores))
+    res["moments"] = norm.state_dict()
+
     g = torch.Generator().manual_seed(5)
     res["minibatches"] = rank_minibatches(6, 2, g, r, n)
     res["generator_after"] = g.get_state()

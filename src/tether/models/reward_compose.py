@@ -52,7 +52,10 @@ class QueryBaseline:
 class RunningNormalize:
     """(r - running mean) / running std, the statistics updated with each batch before it is normalised
     (as the PPO trainer's score_norm does). Stateful: state_dict() / load_state_dict() let a checkpoint
-    carry the statistics, so a resumed run scales rewards as the interrupted one did."""
+    carry the statistics, so a resumed run scales rewards as the interrupted one did.
+
+    On several processes (each scoring its own rows, every one calling this together) the statistics are
+    updated with every process's scores, so all processes normalise alike, as one process would."""
 
     def __init__(self, reward: RewardFn, eps: float = 1e-8) -> None:
         self.reward, self.eps = reward, eps
@@ -62,7 +65,7 @@ class RunningNormalize:
         scores = score_batch(self.reward, prompts, completions)
         # Only finite scores update the statistics: score_batch passes nan/inf on (the PPO trainer skips
         # that step), and one of them in the moments would turn every later score into nan.
-        self.moments.update(scores[torch.isfinite(scores)])
+        self.moments.update(torch.tensor(_every_process(scores[torch.isfinite(scores)].tolist())))
         return ((scores - self.moments.mean) / max(self.moments.std, self.eps)).tolist()
 
     def state_dict(self) -> dict:
@@ -70,6 +73,15 @@ class RunningNormalize:
 
     def load_state_dict(self, state: dict) -> None:
         self.moments.load_state_dict(state)
+
+
+def _every_process(values: list[float]) -> list[float]:
+    """Every process's values in rank order when a process group is running; else `values`."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    from tether.distributed import gather_lists
+
+    return gather_lists(values)
 
 
 class Clip:
