@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tether.distributed import check_sizes, gather_lists, rank_minibatches, reduce_metrics, shard, sum_all_reduce
+from tether.distributed import check_sizes, gather_lists, rank_minibatches, sum_all_reduce
 from tether.ops.masks import masked_mean, masked_var, masked_whiten
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,14 +98,6 @@ def test_bessel_correction_uses_the_global_count(ranks):
         assert "dim=None" in res["dim_error"]
 
 
-def test_reduce_metrics(ranks):
-    # rank 0: reward 1 over weight 1; rank 1: reward 4 over weight 2 -> (1 + 8) / 3 = 3
-    for res in ranks:
-        assert res["metrics"] == {"env/reward_mean": 3.0, "faults/skipped": 3.0, "time/step": 10.0}
-        assert "different metric names" in res["metrics_key_error"]
-        assert "positive" in res["metrics_weight_error"]
-
-
 def test_gather_lists_keeps_rank_order_and_ragged_lengths(ranks):
     for res in ranks:
         assert res["gathered"] == ["rank0-item0", "rank1-item0", "rank1-item1"]
@@ -127,16 +119,6 @@ def test_reward_spec_normaliser_uses_every_process_scores(ranks):
         torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want, rtol=1e-6, atol=1e-6)
 
 
-def test_shard_rows_and_errors(ranks):
-    assert [res["shard"] for res in ranks] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert [res["slice"] for res in ranks] == [slice(0, 4), slice(4, 8)]
-    assert torch.equal(torch.cat([res["shard_tensor"] for res in ranks]), torch.arange(8)[:, None].expand(8, 2))
-    for res in ranks:
-        assert "batch_size=7" in res["odd_batch_error"] and "multiple of 2" in res["odd_batch_error"]
-        assert "minibatch_size=3" in res["odd_minibatch_error"]
-        assert "gradient_accumulation_steps=4" in res["accumulation_error"]
-
-
 def test_rank_minibatches_partition_the_global_batch(ranks):
     # same generator state after the draw on both ranks; k-th pieces together are a global minibatch of 4 rows,
     # and all pieces together cover each rank's 6 local rows once
@@ -156,9 +138,7 @@ def test_single_process_is_identity():
     x, mask = full_data()
     ar = sum_all_reduce(one)
     close(masked_whiten(x, mask, all_reduce=ar), masked_whiten(x, mask))
-    assert reduce_metrics({"a": 1.5, "b": 2}, weight=3.0, state=one) == {"a": 1.5, "b": 2.0}
     assert gather_lists(("p", "q"), state=one) == ["p", "q"]
-    assert shard(list(range(6)), minibatch_size=3, state=one) == list(range(6))
 
 
 def test_rank_minibatches_one_process_is_the_old_partition():

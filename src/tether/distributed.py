@@ -8,15 +8,16 @@ every function is a cheap no-op, so the trainer calls them unconditionally.
 Sizes are global: `batch_size` rollouts per step and `minibatch_size` rows per optimiser step over all processes
 together. Rank r of N owns rows r*B/N .. (r+1)*B/N of the global batch and its share of every minibatch.
 
-All functions except `check_sizes` and `rank_seed` are collectives: every process must call them, in the same
-order, or the run hangs. `Ranks`, at the end, is what a trainer holds: these collectives for its process group,
+The functions that take a `state` (and most of `Ranks`'s methods) are collectives: every process must call them,
+in the same order, or the run hangs. `Ranks`, at the end, is what a trainer holds: these collectives for its process group,
 and the wrapping, optimiser step and checkpoint shards of its trained module under DDP, DeepSpeed ZeRO or FSDP 2.
 """
 
-from collections.abc import Callable, Collection, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
+from unittest import mock
 
 import torch
 from accelerate import PartialState
@@ -53,32 +54,6 @@ def _sum(x: Tensor) -> Tensor:
     return reduce(x, reduction="sum")  # all_reduce on a clone: the argument is left untouched
 
 
-def reduce_metrics(metrics: dict[str, float], weight: float = 1.0, *, sums: Collection[str] = (),
-                   maxes: Collection[str] = (), state: Any = None) -> dict[str, float]:
-    """Combine each process's scalar metrics into the run's: sum_r w_r m_r / sum_r w_r, w_r = `weight`.
-
-    Exact for a metric that is a mean over the unit `weight` counts (rows: weight = local batch size; tokens:
-    weight = local token count); a std or a ratio of sums is not such a mean, compute it from global sums
-    (`masked_var(..., all_reduce=...)`). Keys in `sums` (counts: skipped minibatches, support flips) are summed,
-    keys in `maxes` (times) take the maximum. Every process must pass the same keys.
-    """
-    s = current_state(state)
-    if s.num_processes == 1:
-        return {k: float(v) for k, v in metrics.items()}
-    keys = sorted(metrics)
-    if any(k != keys for k in gather_object([keys])):
-        raise ValueError("reduce_metrics: processes passed different metric names; every rank must log the same keys")
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=s.device)
-    w = torch.tensor([float(weight)], dtype=torch.float64, device=s.device)
-    summed = reduce(torch.cat([values * w, values, w]), reduction="sum")
-    n = len(keys)
-    weighted, plain, total_w = summed[:n] / summed[-1], summed[n:2 * n], summed[-1]
-    if total_w <= 0:
-        raise ValueError(f"reduce_metrics: the weights sum to {total_w.item()}; they must be positive")
-    top = reduce(values, reduction="max") if maxes else values
-    return {k: (plain[i] if k in sums else top[i] if k in maxes else weighted[i]).item() for i, k in enumerate(keys)}
-
-
 def gather_lists(items: Sequence[T], state: Any = None) -> list[T]:
     """Every process's list, concatenated in rank order (lengths may differ), returned on every process.
     For the samples log and per-sample KLs: pickled, so keep it to small Python objects, not big tensors."""
@@ -107,19 +82,6 @@ def check_sizes(batch_size: int, minibatch_size: int, num_processes: int,
         raise ValueError(f"minibatch_size={minibatch_size} over {num_processes} processes is {local_mb} rows each, "
                          f"which gradient_accumulation_steps={gradient_accumulation_steps} does not divide")
     return batch_size // num_processes, local_mb
-
-
-def rank_slice(batch_size: int, minibatch_size: int, state: Any = None, gradient_accumulation_steps: int = 1,
-               group_size: int = 1) -> slice:
-    """This process's rows of a global batch: rank r of N gets r*B/N .. (r+1)*B/N (checked by `check_sizes`)."""
-    s = current_state(state)
-    local, _ = check_sizes(batch_size, minibatch_size, s.num_processes, gradient_accumulation_steps, group_size)
-    return slice(s.process_index * local, (s.process_index + 1) * local)
-
-
-def shard(items: Sequence[T], minibatch_size: int, state: Any = None) -> Sequence[T]:
-    """This process's slice of a global batch (a list, or a tensor along dim 0); len(items) is the batch size."""
-    return items[rank_slice(len(items), minibatch_size, state)]
 
 
 def rank_minibatches(local_batch: int, local_minibatch: int, generator: torch.Generator, rank: int,
@@ -158,7 +120,7 @@ class Ranks:
     Launched on N > 1 processes (`accelerate launch`, torchrun): an `Accelerator` owns the process group and
     wraps the trained module: DistributedDataParallel, a DeepSpeed ZeRO engine (stage 1, 2 or 3), or FSDP 2.
 
-    The optimiser step goes through here too (`backward`, `step`, `discard`): DeepSpeed keeps the gradients in
+    The optimiser step goes through here too (`backward`, `step`, `discard`, on what `prepare` was given): DeepSpeed keeps the gradients in
     its own shards, clips them itself and takes the step inside its engine."""
 
     def __init__(self, cpu: bool) -> None:
@@ -168,7 +130,7 @@ class Ranks:
         self.engine = None  # the DeepSpeed engine, once `prepare` made it
         self.zero_stage = 0  # 0: no DeepSpeed
         self.fsdp = False
-        self._module: torch.nn.Module | None = None  # what `prepare` wrapped, and its optimiser
+        self._module: torch.nn.Module | None = None  # what `prepare` was given, and the optimiser
         self._optimizer: torch.optim.Optimizer | None = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             self._start(cpu)
@@ -261,29 +223,19 @@ class Ranks:
         """Models loaded inside are whole on every process. Under ZeRO-3 transformers would otherwise load them
         sharded (through Accelerate's DeepSpeed settings), and only the trained module's engine can run those;
         under FSDP with cpu_ram_efficient_loading, empty on all but the main process."""
-        import os
-
-        if not self.sharded:
-            yield
-            return
         if self.fsdp:
-            saved = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING")
-            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+            with mock.patch.dict("os.environ", {"FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}):
+                yield
+        elif self.sharded:
+            from transformers.integrations import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
             try:
                 yield
             finally:
-                if saved is None:
-                    os.environ.pop("FSDP_CPU_RAM_EFFICIENT_LOADING")
-                else:
-                    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = saved
-            return
-        from transformers.integrations import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
-        try:
+                self.accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+        else:
             yield
-        finally:
-            self.accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
     def prepare(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, minibatch_size: int,
                 gradient_accumulation_steps: int, max_grad_norm: float,
@@ -293,9 +245,9 @@ class Ranks:
         its batch sizes, accumulation and clipping are set from tether's config, whatever the launch config says.
         forward_methods: `module`'s methods that run its parts directly (sampling); FSDP gathers its root unit
         around each call, as around a forward pass."""
+        self._module, self._optimizer = module, optimizer
         if self.accelerator is None:
             return module
-        self._module, self._optimizer = module, optimizer
         if self.fsdp:  # FSDP 2 shards in place and points the optimiser at the sharded parameters
             from accelerate.utils import DistributedType
             from torch.distributed.fsdp import register_fsdp_forward_method
@@ -326,24 +278,23 @@ class Ranks:
         self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss, scale_wrt_gas=False)  # tether weights each micro-batch's loss itself
 
-    def step(self, optimizer: torch.optim.Optimizer, clip_groups: list[list[Tensor]],
-             max_norm: float) -> list[Tensor] | None:
+    def step(self, clip_groups: list[list[Tensor]], max_norm: float) -> list[Tensor] | None:
         """After the last micro-batch's backward: clip, then step unless a gradient norm is not finite (then the
         gradients are dropped). -> the norms before clipping (one per clip group; under DeepSpeed a single norm
         over every group, which it clips together), None when the step was skipped."""
         if self.engine is None:  # FSDP's gradients are sharded DTensors: clip_if_needed takes those too
             norms = [clip_if_needed(group, max_norm) for group in clip_groups]
             if not all(torch.isfinite(n) for n in norms):  # clipping leaves nan/inf as they are
-                optimizer.zero_grad(set_to_none=True)
+                self._optimizer.zero_grad(set_to_none=True)
                 return None
-            optimizer.step()
+            self._optimizer.step()
             return norms
         self.engine.step()  # DeepSpeed skips the step, clearing every shard, when the norm is not finite
         norm = self.engine.get_global_grad_norm()
         norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
         return [norm] if torch.isfinite(norm) else None
 
-    def discard(self, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
+    def discard(self, loss: Tensor) -> None:
         """Drop the gradients accumulated in this minibatch without a step (`loss`: the current micro-batch's,
         not yet backpropagated). Its backward still runs, so that DDP's and FSDP's per-step bookkeeping (which
         expects one backward per forward) completes; then the gradients are zeroed. DeepSpeed holds them in its
@@ -351,7 +302,7 @@ class Ranks:
         shard, on every process."""
         if self.engine is None:
             loss.backward()
-            optimizer.zero_grad(set_to_none=True)
+            self._optimizer.zero_grad(set_to_none=True)
             return
         self.engine.set_gradient_accumulation_boundary(True)
         self.engine.backward(loss * float("nan"), scale_wrt_gas=False)
@@ -419,15 +370,13 @@ class Ranks:
         """True on every process when it is True on all."""
         return not self.any(not flag)
 
-    def no_sync(self, modules: Sequence[torch.nn.Module]):
-        """Skip DDP's gradient all-reduce (for all but the last micro-batch of a minibatch); DeepSpeed's engine
-        is told by `backward(loss, last)` instead. FSDP reduce-scatters after every micro-batch, so that the
-        gradients stay sharded (its no_sync would keep whole unsharded gradients between micro-batches)."""
-        stack = ExitStack()
-        if self.accelerator is not None and self.engine is None and not self.fsdp:
-            for module in modules:
-                stack.enter_context(self.accelerator.no_sync(module))
-        return stack
+    def no_sync(self, module: torch.nn.Module, skip: bool):
+        """With skip: no DDP gradient all-reduce in this backward (all but the last micro-batch of a minibatch).
+        DeepSpeed's engine is told by `backward(loss, last)` instead; FSDP reduce-scatters after every
+        micro-batch, so that the gradients stay sharded (its no_sync would keep whole unsharded gradients)."""
+        if skip and self.accelerator is not None and self.engine is None and not self.fsdp:
+            return self.accelerator.no_sync(module)
+        return nullcontext()
 
     def wait(self) -> None:
         if self.accelerator is not None:

@@ -43,9 +43,6 @@ def main(out: Path) -> None:
         current_state,
         gather_lists,
         rank_minibatches,
-        rank_slice,
-        reduce_metrics,
-        shard,
         sum_all_reduce,
     )
     from tether.ops.masks import masked_mean, masked_var, masked_whiten
@@ -72,21 +69,8 @@ def main(out: Path) -> None:
     res["var_one_total_error"] = _error(lambda: masked_var(x, one_each * (r == 0), all_reduce=ar))
     res["dim_error"] = _error(lambda: masked_mean(x, mask, dim=1, all_reduce=ar))
 
-    # metrics: rank r reports a per-row mean over its 1 + r rows (weights 1 and 2)
-    metrics = {"env/reward_mean": 1.0 + 3.0 * r, "faults/skipped": float(r + 1), "time/step": 10.0 - r}
-    res["metrics"] = reduce_metrics(metrics, weight=1 + r, sums={"faults/skipped"}, maxes={"time/step"})
-    res["metrics_key_error"] = _error(lambda: reduce_metrics({f"only/rank{r}": 1.0}))
-    res["metrics_weight_error"] = _error(lambda: reduce_metrics({"a": 1.0}, weight=0.0))
-
     res["gathered"] = gather_lists([f"rank{r}-item{i}" for i in range(r + 1)])  # 1 then 2 items
     res["gathered_kl"] = gather_lists([0.5 * r + i for i in range(3)])
-
-    res["shard"] = shard(list(range(8)), minibatch_size=4)
-    res["shard_tensor"] = shard(torch.arange(8)[:, None].expand(8, 2), minibatch_size=2)
-    res["slice"] = rank_slice(8, 4)
-    res["odd_batch_error"] = _error(lambda: rank_slice(7, 7))
-    res["odd_minibatch_error"] = _error(lambda: rank_slice(8, 3))
-    res["accumulation_error"] = _error(lambda: rank_slice(8, 4, gradient_accumulation_steps=4))
 
     # a reward spec's running normaliser: every process's scores update the statistics (ragged: 2 and 3 rows,
     # a nan on rank 1 left out)

@@ -456,10 +456,10 @@ class RLTrainer:
         for n, j in enumerate(micro):
             share = b.mask[j].sum() / tokens
             last = n == len(micro) - 1
-            with g.no_sync(() if last else [self.trainable_forward]):
+            with g.no_sync(self.trainable_forward, skip=not last):
                 loss, parts = self._micro_loss(b, j, advantages, returns, beta, (share * g.num).item())
                 if g.any(not torch.isfinite(loss)):
-                    g.discard(self.optimizer, loss)
+                    g.discard(loss)
                     return "fault"
                 for prefix, st in parts.items():
                     for k, v in st.items():
@@ -469,10 +469,10 @@ class RLTrainer:
                     summed = g.all_reduce(torch.stack([stats[k].to(self.device, torch.float64) for k in names]))
                     stats = dict(zip(names, summed.tolist()))
                     if stats["ppo/policy/ratio_mean"] > c.ratio_threshold:
-                        g.discard(self.optimizer, loss)
+                        g.discard(loss)
                         return "ratio"
                 g.backward(loss, last)
-        norms = g.step(self.optimizer, self.clip_groups, c.max_grad_norm)
+        norms = g.step(self.clip_groups, c.max_grad_norm)
         if norms is None:
             return "fault"
         self.scheduler.step()
