@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import make_model, make_tokenizer
 
-import tether.trainers.base as ppo_module
+import tether.trainers.optimise as optimise_module
 from tether import PPOConfig
 from tether.trainers.guards import TrainingHalted
 from tether.trainers.ppo import PPOTrainer
@@ -28,8 +28,8 @@ def unchanged(before, trainer):
 
 
 def test_nan_loss_skips_every_update_then_halts(tmp_path, monkeypatch):
-    real = ppo_module.policy_loss
-    monkeypatch.setattr(ppo_module, "policy_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
+    real = optimise_module.policy_loss
+    monkeypatch.setattr(optimise_module, "policy_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
     t = make_trainer(tmp_path, max_faults_in_row=2)
     before = weights(t)
     gen = t.generate(PROMPTS)

@@ -4,7 +4,7 @@
 
 An algorithm (ppo.py, grpo.py, rloo.py, reinforce_pp.py) only says how step 5 turns scores and the KL into
 per-token advantages, and whether it trains a critic. Rollouts, masks, the KL, the clipped policy loss,
-guards, checkpoints and logging are the same code for all of them.
+guards, checkpoints and logging are the same code for all of them. Step 6 (the updates) is in optimise.py.
 """
 
 import copy
@@ -13,7 +13,6 @@ import math
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,8 +21,8 @@ from transformers import get_scheduler
 
 from tether.config import PPOConfig
 from tether.data import load_prompts
-from tether.distributed import Ranks, check_sizes, rank_minibatches, rank_seed
-from tether.losses.ppo import explained_variance, policy_loss, value_loss
+from tether.distributed import Ranks, check_sizes, rank_seed
+from tether.losses.ppo import explained_variance
 from tether.models.policy import (
     PolicyWithValueHead,
     Trained,
@@ -46,6 +45,8 @@ from tether.rollout import Sampler
 from tether.trainers.batching import left_pad, right_pad
 from tether.trainers.checkpoint import maybe_resume, write_checkpoint
 from tether.trainers.guards import FaultCounter, warn_if_negative_kl
+from tether.trainers.optimise import Optimise
+from tether.trainers.rollouts import Generation, Scored
 from tether.trainers.run import RunLogger
 from tether.trainers.setup import (
     add_lora,
@@ -61,31 +62,7 @@ from tether.trainers.setup import (
 log = logging.getLogger("tether")
 
 
-@dataclass
-class Generation:
-    queries: list[Tensor]  # each (P_i,) prompt ids, unpadded
-    responses: list[Tensor]  # each (T_i,) sampled ids up to and including the first EOS
-    texts: list[str]  # decoded responses
-
-
-@dataclass
-class Scored:
-    """A rollout batch after step 3; every (B, T) tensor is 0 outside `mask`."""
-
-    query_ids: Tensor  # (B, P) left-padded
-    query_mask: Tensor  # (B, P)
-    response_ids: Tensor  # (B, T)
-    mask: Tensor  # (B, T) response mask: up to and including the first EOS
-    logprobs: Tensor  # (B, T) log pi_old(a_t | s_t), sampling-processed
-    ref_logprobs: Tensor  # (B, T) log ref(a_t | s_t) at the sampling temperature
-    values: Tensor | None  # (B, T) V_old(s_t); None for critic-free algorithms
-    kl: Tensor  # (B, T) per-token KL estimate (the configured estimator; enters the reward)
-    kl_exact: Tensor  # (B, T) exact KL(pi(.|s_t) || ref(.|s_t)) over the vocabulary, >= 0
-    entropy: Tensor  # (B, T) entropy of the processed sampling distribution
-    flipped: Tensor  # (B, T) bool: sampled at a top-k/top-p boundary, outside the replayed support by round-off
-
-
-class RLTrainer:
+class RLTrainer(Optimise):
     algorithm: str  # the PPOConfig.algorithm this trainer runs
     uses_critic: bool = False
 
@@ -417,92 +394,6 @@ class RLTrainer:
         """Teacher-forced logits (B, T, V) -> the scores the sampler drew from (B, T, V)."""
         ids = torch.cat([q_ids, r_ids], 1)
         return self.sampler.sequence_scores(logits, ids, torch.cat([q_mask, torch.ones_like(r_ids)], 1))
-
-    def _optimise(self, b: Scored, advantages: Tensor, returns: Tensor | None, beta: float) -> dict[str, float]:
-        """6. ppo_epochs passes of shuffled minibatches. An update whose loss or gradient is not finite, or
-        whose mean ratio exceeds ratio_threshold, is skipped without touching the weights."""
-        c = self.config
-        totals: dict[str, float] = {}
-        outcomes = {"ok": 0, "fault": 0, "ratio": 0}
-        for _ in range(c.ppo_epochs):
-            for mb in rank_minibatches(self.local_batch, self.local_minibatch, self.shuffle_generator,
-                                       self.ranks.rank, self.ranks.num):
-                outcomes[self._update(b, mb.to(self.device), advantages, returns, beta, totals)] += 1
-        stats = {k: v / max(outcomes["ok"], 1) for k, v in totals.items()}
-        stats["ppo/loss/policy"] = stats.pop("ppo/policy/loss", math.nan)
-        stats["ppo/loss/total"] = stats["ppo/loss/policy"]
-        if returns is not None:
-            stats["ppo/loss/value"] = stats.pop("ppo/val/loss", math.nan)
-            stats["ppo/loss/total"] += c.vf_coef * stats["ppo/loss/value"]
-        if c.kl_in_loss:
-            stats["ppo/loss/kl"] = stats.pop("ppo/kl_loss/loss", math.nan)
-            stats["ppo/loss/total"] += beta * stats["ppo/loss/kl"]
-        stats["faults/skipped_minibatches"] = float(outcomes["fault"])
-        stats["ppo/skipped_ratio_minibatches"] = float(outcomes["ratio"])
-        return stats
-
-    def _update(self, b: Scored, mb: Tensor, advantages: Tensor, returns: Tensor | None, beta: float,
-                totals: dict) -> str:
-        """One optimiser step on minibatch `mb` (this process's rows of it); micro-batches accumulate to the
-        global minibatch's token-mean loss exactly: each micro-batch's loss is weighted by its share of the
-        minibatch's tokens on all processes (times the process count, which the gradient mean over processes
-        divides out). Every skip is decided on all processes together. Returns ok / fault / ratio."""
-        c = self.config
-        g = self.ranks
-        tokens = g.all_reduce(b.mask[mb].sum())
-        self.optimizer.zero_grad(set_to_none=True)
-        stats: dict[str, Tensor] = {}
-        micro = mb.split(self.local_minibatch // c.gradient_accumulation_steps)
-        for n, j in enumerate(micro):
-            share = b.mask[j].sum() / tokens
-            last = n == len(micro) - 1
-            with g.no_sync(self.trainable_forward, skip=not last):
-                loss, parts = self._micro_loss(b, j, advantages, returns, beta, (share * g.num).item())
-                if g.any(not torch.isfinite(loss)):
-                    g.discard(loss)
-                    return "fault"
-                for prefix, st in parts.items():
-                    for k, v in st.items():
-                        stats[prefix + k] = stats.get(prefix + k, 0.0) + share * v
-                if last:  # token-weighted means over the global minibatch, before the last backward
-                    names = sorted(stats)
-                    summed = g.all_reduce(torch.stack([stats[k].to(self.device, torch.float64) for k in names]))
-                    stats = dict(zip(names, summed.tolist()))
-                    if stats["ppo/policy/ratio_mean"] > c.ratio_threshold:
-                        g.discard(loss)
-                        return "ratio"
-                g.backward(loss, last)
-        norms = g.step(self.clip_groups, c.max_grad_norm)
-        if norms is None:
-            return "fault"
-        self.scheduler.step()
-        stats["ppo/grad_norm"] = norms[0].item()
-        if len(norms) > 1:
-            stats["ppo/critic_grad_norm"] = norms[1].item()
-        for k, v in stats.items():
-            totals[k] = totals.get(k, 0.0) + v
-        return "ok"
-
-    def _micro_loss(self, b: Scored, j: Tensor, advantages: Tensor, returns: Tensor | None, beta: float,
-                    scale: float) -> tuple[Tensor, dict[str, dict[str, Tensor]]]:
-        """The loss of micro-batch rows `j`, weighted by `scale`, and its parts' statistics by prefix."""
-        c = self.config
-        logits, vpred = self._logits_and_values(b.query_ids[j], b.query_mask[j], b.response_ids[j])
-        scores = self._replay(logits, b.query_ids[j], b.query_mask[j], b.response_ids[j])
-        new_logprobs = self._sampled_logprobs(logits, gather_logprobs(scores, b.response_ids[j]), b.response_ids[j],
-                                              b.flipped[j])
-        # Nothing below sees padding: after EOS it may replay to -inf (top-k), and exp(inf) * 0 is nan.
-        new_logprobs = torch.where(b.mask[j].bool(), new_logprobs, b.logprobs[j])
-        loss, parts = policy_loss(new_logprobs, b.logprobs[j], advantages[j], b.mask[j], c.cliprange, scale)
-        parts = {"ppo/policy/": parts}
-        if returns is not None:
-            vf, parts["ppo/val/"] = value_loss(vpred, b.values[j], returns[j], b.mask[j], c.cliprange_value, scale)
-            loss = loss + c.vf_coef * vf
-        if c.kl_in_loss:
-            kl = masked_mean(self.estimator.fn(new_logprobs, b.ref_logprobs[j]), b.mask[j])
-            loss = loss + beta * scale * kl
-            parts["ppo/kl_loss/"] = {"loss": kl.detach()}
-        return loss, parts
 
     def _process_scores(self, scores: Tensor) -> Tensor:
         c = self.config
