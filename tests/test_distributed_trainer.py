@@ -42,15 +42,20 @@ def _launch(args: list[str], tmp: Path, kind: str = "ddp", launch_flags: tuple[s
 
 @pytest.fixture(scope="module")
 def two_process(tmp_path_factory):
-    """kind -> both processes' results of tests/dist/trainer_step.py, launched once per kind."""
+    """(kind, config) -> both processes' results of tests/dist/trainer_step.py for that config. DDP and FSDP run
+    all their configs in one launch; DeepSpeed one launch per config, one engine per process as in a real run
+    (a process that built a second engine after the first aborted at times, "terminate called without an
+    active exception")."""
     done = {}
 
-    def results(kind: str) -> list[dict]:
-        if kind not in done:
+    def results(kind: str, name: str) -> list[dict]:
+        key = (kind, name if kind.startswith("zero") else "")
+        if key not in done:
             out = tmp_path_factory.mktemp(f"dist-step-{kind}")
-            _launch([str(ROOT / "tests/dist/trainer_step.py"), str(out), kind], out, kind)
-            done[kind] = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
-        return done[kind]
+            _launch([str(ROOT / "tests/dist/trainer_step.py"), str(out), kind, *([name] if key[1] else [])], out,
+                    kind)
+            done[key] = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+        return done[key]
 
     return results
 
@@ -70,12 +75,12 @@ def test_two_process_update_equals_one_process_update(two_process, kind, name, t
                        else ["ppo/loss/kl"]) + (["ppo/critic_grad_norm"] if "critic" in name else [])
     if "critic" in name and kind.startswith("zero"):  # DeepSpeed has one norm over the policy and the critic
         keys = [k for k in keys if not k.endswith("grad_norm")]
-    for res in two_process(kind):
+    for res in two_process(kind, name):
         assert res[name]["wrapper"] == WRAPPERS[kind]
         assert res[name]["param_type"] == ("DTensor" if kind == "fsdp" else "Parameter")
         for k in keys:
             assert abs(res[name]["stats"][k] - one["stats"][k]) < 1e-5, (k, res[name]["stats"][k], one["stats"][k])
-    for res in two_process(kind)[:1 if kind in ("zero3", "fsdp") else 2]:  # sharded: gathered on the main one
+    for res in two_process(kind, name)[:1 if kind in ("zero3", "fsdp") else 2]:  # sharded: gathered on the main one
         assert res[name]["weights"].keys() == one["weights"].keys()
         for k, w in one["weights"].items():  # every process ends with the single process's weights
             torch.testing.assert_close(res[name]["weights"][k], w, atol=1e-5, rtol=1e-4)
@@ -85,7 +90,7 @@ def test_two_process_update_equals_one_process_update(two_process, kind, name, t
 def test_skips_are_taken_on_every_process_and_leave_the_weights(two_process, kind, name):
     """A nan loss on one process (after another micro-batch's backward), a ratio over the threshold, and a
     nan score on one process: each is skipped everywhere, and no weight moves."""
-    for res in two_process(kind):
+    for res in two_process(kind, name):
         for first in (True, False):  # the nan in the first micro-batch, or in the second after a backward
             assert res[name]["faulted"][first]["faults/skipped_minibatches"] == 2  # 2 epochs of 1 minibatch
         assert res[name]["faulted"][False]["faults/skipped_steps"] == 2

@@ -110,5 +110,6 @@ def run(name: str, out: Path, rank: int, num: int) -> dict:
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
-    results = {name: run(name, out, int(os.environ["RANK"]), 2) for name in CASES[sys.argv[2]]}
+    names = sys.argv[3:] or CASES[sys.argv[2]]  # python trainer_step.py OUT KIND [CONFIG ...]
+    results = {name: run(name, out, int(os.environ["RANK"]), 2) for name in names}
     torch.save(results, out / f"rank{os.environ['RANK']}.pt")
