@@ -18,14 +18,4 @@ PY=${PYTHON:-python3}
 # from source against the torch installed above: --no-build-isolation, or pip would fetch a second torch to
 # build it with. Its CPU shared-memory collective is compiled here, once, not by two processes at once in a run.
 .venv/bin/pip install -q --no-build-isolation "deepspeed==0.19.8"
-.venv/bin/python - <<'PY'
-import os
-
-import torch
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed picks without a GPU, minus its warning
-    from deepspeed.accelerator import get_accelerator
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None:
-        builder.load(verbose=False)
-PY
+.venv/bin/python scripts/build_deepspeed_ops.py

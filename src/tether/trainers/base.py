@@ -23,6 +23,7 @@ from tether.config import PPOConfig
 from tether.data import load_prompts
 from tether.distributed import Ranks, check_sizes, rank_seed
 from tether.losses.ppo import explained_variance
+from tether.models.attention import fp32_attention_on_cpu
 from tether.models.policy import (
     PolicyWithValueHead,
     Trained,
@@ -30,6 +31,7 @@ from tether.models.policy import (
     context_length,
     enable_gradient_checkpointing,
     frozen_reference,
+    linear_weights_in,
     load_causal_lm,
     response_forward,
     state_dict_part,
@@ -54,6 +56,7 @@ from tether.trainers.setup import (
     check_token_rows,
     eos_ids,
     eos_rate,
+    keep_freed_memory,
     load_tokenizer,
     make_adamw,
     seed_everything,
@@ -89,6 +92,8 @@ class RLTrainer(Optimise):
         self.device = self.ranks.device or torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
         self.autocast_dtype = autocast_dtype(c.precision, self.device)
+        if c.keep_freed_memory and self.device.type == "cpu":
+            keep_freed_memory()
         seed_everything(c.seed)
         self.tokenizer = load_tokenizer(tokenizer, model if model is not None else c.model)
         self.prompts = load_prompts(prompts if prompts is not None else c.prompts, c.prompt_column) \
@@ -111,6 +116,12 @@ class RLTrainer(Optimise):
                 if ref_vocab != self.vocab_size:
                     raise ValueError(f"the reference model's vocabulary ({ref_vocab}) differs from the policy's "
                                      f"({self.vocab_size}); the KL needs both over the same tokens")
+        if self.autocast_dtype is not None and self.ref is not None:  # it only runs under autocast
+            linear_weights_in(self.ref, self.autocast_dtype)
+        if self.autocast_dtype is not None and self.device.type == "cpu":  # bf16 autocast on the CPU
+            for m in (lm, self.ref, critic.body if critic is not None else None):
+                if m is not None:
+                    fp32_attention_on_cpu(m)
         self.policy = PolicyWithValueHead(lm, value_head=self.uses_critic and critic is None)
         self.critic = critic
         self.trainable = Trained(self.policy, critic)  # everything trained, as one module: checkpoints hold this

@@ -1,6 +1,8 @@
 """Trainer set-up helpers: seeding, tokenizer and EOS handling, and checks on what users pass in."""
 
+import ctypes
 import logging
+import platform
 import random
 
 import numpy as np
@@ -23,6 +25,23 @@ def check_token_rows(rows, what: str, vocab_size: int) -> None:
         if row.min() < 0 or row.max() >= vocab_size:
             raise ValueError(f"{what} {i} holds token id {int(row.max() if row.max() >= vocab_size else row.min())}, "
                              f"outside the model's vocabulary of {vocab_size}")
+
+
+def keep_freed_memory() -> bool:
+    """Process-wide, glibc only: serve every allocation from the heap and never trim it, so memory the process
+    frees is reused as it is. By default glibc maps each block above a threshold (at most 32 MB) fresh from the
+    system and unmaps it on free, so every step's large buffers (full-vocabulary logits, the gradient of a
+    tied embedding, autocast's bf16 weight copies) page-fault in again, zero-filled, one page at a time: a 28 M
+    element fp32 -> bf16 cast takes 18 ms that way and 9 ms from reused memory. The resident size then stays at
+    its peak instead of shrinking after it. Returns whether it was applied (False on other C libraries)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
 
 
 def seed_everything(seed: int) -> None:
