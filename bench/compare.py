@@ -85,15 +85,19 @@ def dtype_note(result: dict) -> str:
     """What the side's forward passes and stored tensors were, from its DtypeProbe and stored_dtypes."""
     seen = "; ".join(f"{k} {'/'.join(f'{d} x{n}' for d, n in v.items())}" for k, v in result["forward_dtypes"].items())
     stored = result["stored_dtypes"]
-    return (f"MLP outputs: {seen}. Weights {'/'.join(stored['weights'])}, "
-            f"optimiser state {'/'.join(stored['optimizer_state'])}")
+    return (f"MLP outputs: {seen}. Trained weights {'/'.join(stored['weights'])}, reference weights "
+            f"{'/'.join(stored['reference_weights'])}, optimiser state {'/'.join(stored['optimizer_state'])}")
 
 
 def dtypes_as_expected(result: dict, precision: str) -> bool:
+    """Every counted forward in the precision's dtype; trained weights and AdamW state in fp32 whatever the
+    precision. The frozen reference may hold bf16 weights under bf16 (tether stores its linear layers in bf16,
+    which autocast would cast them to anyway), never under fp32."""
     want = "bfloat16" if precision == "bf16" else "float32"
+    stored = result["stored_dtypes"]
+    reference_ok = set(stored["reference_weights"]) <= ({"float32", "bfloat16"} if precision == "bf16" else {"float32"})
     return (all(set(v) == {want} for v in result["forward_dtypes"].values())
-            and result["stored_dtypes"]["weights"] == ["float32"]
-            and result["stored_dtypes"]["optimizer_state"] == ["float32"])
+            and stored["weights"] == ["float32"] and stored["optimizer_state"] == ["float32"] and reference_ok)
 
 
 def markdown(report: dict) -> str:

@@ -95,7 +95,7 @@ def main() -> None:
                    "params_body": body, "params_head": head, "train_flops_per_step": mean(flops),
                    "train_gflops_per_s": mean(flops) / result["s_per_step"]["optimise"] / 1e9,
                    "precision": precision, "forward_dtypes": probe.seen,
-                   "stored_dtypes": stored_dtypes([trainer.trainable, trainer.ref], trainer.optimizer)})
+                   "stored_dtypes": stored_dtypes(trainer.trainable, trainer.ref, trainer.optimizer)})
     emit(result)
 
 

@@ -84,7 +84,7 @@ def main() -> None:
     result = summary(w, "trl", timings, tokens, rewards)
     result.update({"trl": trl.__version__, "logits_checksum": checksum, "precision": precision,
                    "mixed_precision": trainer.accelerator.mixed_precision, "forward_dtypes": probe.seen,
-                   "stored_dtypes": stored_dtypes([model, trainer.ref_model], trainer.optimizer)})
+                   "stored_dtypes": stored_dtypes(model, trainer.ref_model, trainer.optimizer)})
     emit(result)
 
 

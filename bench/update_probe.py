@@ -8,8 +8,11 @@ log-probs of the response tokens, backward; no optimiser) eagerly, best of --rep
                       input/output embeddings (SmolLM2) the dense embedding gradient costs a zero-filled
                       (V, H) tensor and a full (V, H) add into the LM head's gradient on every backward; sparse,
                       only the rows of the tokens present are added. The summed gradient is the same (checked).
+  --keep-freed-memory tether's keep_freed_memory() first (what the trainer does on the CPU by default), so
+                      every timing below reuses freed memory instead of page-faulting large buffers in again.
   --compile           torch.compile (inductor, needs a C++ compiler); prints the compile time too.
-  --bf16              under bf16 autocast (what precision="bf16" does; weights stay fp32); with --ops N, the top N
+  --bf16              under bf16 autocast (weights stay fp32), with the model's own sdpa attention and then with
+                      tether's fp32 attention (what precision="bf16" does on the CPU); with --ops N, the top N
                       operators by self CPU time of one update, fp32 and bf16.
 The shapes are the workload's minibatch, prompt length and max_new_tokens. Nothing here changes what tether
 runs; it measures what a change in the trainer or model set-up would buy.
@@ -32,7 +35,12 @@ def main() -> None:
     parser.add_argument("--sparse-embedding", action="store_true")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--ops", type=int, default=0)
+    parser.add_argument("--keep-freed-memory", action="store_true")
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        from tether.trainers.setup import keep_freed_memory
+
+        print(f"keep_freed_memory applied: {keep_freed_memory()}")
     w = WORKLOADS[args.workload]
     from transformers import AutoModelForCausalLM
 
@@ -81,6 +89,13 @@ def main() -> None:
         update(model, autocast=True)
         t = best(model, autocast=True)
         print(f"  bf16 autocast: {t * 1e3:.1f} ms ({eager / t:.2f}x)")
+        from tether.models.attention import fp32_attention_on_cpu
+
+        if fp32_attention_on_cpu(model):
+            update(model, autocast=True)
+            t = best(model, autocast=True)
+            print(f"  bf16 autocast, attention in fp32 (tether's CPU default): {t * 1e3:.1f} ms ({eager / t:.2f}x)")
+            model.set_attn_implementation("sdpa")
         for autocast in (False, True) if args.ops else ():
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 update(model, autocast=autocast)

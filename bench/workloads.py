@@ -74,12 +74,14 @@ class DtypeProbe:
         return hook
 
 
-def stored_dtypes(modules, optimizer) -> dict[str, list[str]]:
-    """dtypes of the trained and reference weights and of the optimiser's state tensors (AdamW moments)."""
-    params = {str(p.dtype).removeprefix("torch.") for m in modules for p in m.parameters()}
-    state = {str(v.dtype).removeprefix("torch.") for s in optimizer.state.values() for k, v in s.items()
-             if torch.is_tensor(v) and k != "step"}
-    return {"weights": sorted(params), "optimizer_state": sorted(state)}
+def stored_dtypes(trained, reference, optimizer) -> dict[str, list[str]]:
+    """dtypes of the trained weights, of the reference's weights and of the optimiser's state (AdamW moments)."""
+    def names(tensors) -> list[str]:
+        return sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
+
+    state = [v for s in optimizer.state.values() for k, v in s.items() if torch.is_tensor(v) and k != "step"]
+    return {"weights": names(trained.parameters()), "reference_weights": names(reference.parameters()),
+            "optimizer_state": names(state)}
 
 
 def folder(workload: str) -> Path:
