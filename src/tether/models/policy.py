@@ -237,7 +237,10 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     training; their dropout and attention submodules stay in eval mode."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # the newer name; earlier 5.x releases lack it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no checkpointable layers")
