@@ -25,8 +25,9 @@ LAUNCH = {"ddp": "cpu_2proc.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "de
 @functools.cache
 def _deepspeed_ops_built() -> None:
     """DeepSpeed's CPU collective compiled once here, not by both processes of the first launch at once."""
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "build_deepspeed_ops.py")], check=True, timeout=600,
-                   capture_output=True)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_deepspeed_ops.py")], timeout=600, text=True,
+                          capture_output=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # as the ranks see it
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def _launch(args: list[str], tmp: Path, kind: str = "ddp", launch_flags: tuple[str, ...] = (), cpu_env: bool = True,

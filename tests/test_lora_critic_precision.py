@@ -248,7 +248,8 @@ def test_fp32_attention_matches_sdpa_and_runs_in_fp32_under_bf16_inputs():
     out, _ = fp32_sdpa_attention(module, q, k, v, None)
     torch.testing.assert_close(out, expected, atol=0, rtol=0)  # fp32 in: exactly sdpa
     qb, kb, vb = (t.bfloat16() for t in (q, k, v))
-    out, _ = fp32_sdpa_attention(module, qb, kb, vb, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in the model: autocast would make sdpa bf16 again
+        out, _ = fp32_sdpa_attention(module, qb, kb, vb, None)
     assert out.dtype == torch.bfloat16
     # computed from the bf16 values in fp32, rounded once at the end
     reference, _ = sdpa_attention_forward(module, qb.float(), kb.float(), vb.float(), None)
@@ -314,3 +315,40 @@ def test_reference_linears_stored_in_bf16_give_the_same_logits_under_autocast(ma
     if make == "llama":  # the untied LM head is a linear layer like the others
         assert dtypes["lm_head.weight"] == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the policy itself is untouched
+
+
+def test_fp32_attention_leaves_alone_a_model_whose_outputs_it_would_change():
+    """Gemma 4's layers that share keys and values take another path unless the attention is named "sdpa";
+    the probe forward sees the difference and the model keeps sdpa."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Gemma4TextConfig"):
+        pytest.skip("this transformers has no Gemma 4")
+    from tether.models.attention import fp32_attention_on_cpu
+
+    cfg = transformers.Gemma4TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                        num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2,
+                                        sliding_window=4)
+    torch.manual_seed(0)
+    gemma = transformers.Gemma4ForCausalLM(cfg).eval()
+    assert fp32_attention_on_cpu(gemma) is False and gemma.config._attn_implementation == "sdpa"
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    assert fp32_attention_on_cpu(llama) is True and llama.config._attn_implementation == FP32_SDPA
+
+
+def test_reference_linears_stay_as_they_are_when_bf16_storage_would_change_the_outputs():
+    from tether.models.policy import frozen_reference, linear_weights_in
+
+    tok = make_tokenizer()
+    ref = frozen_reference(make_model(len(tok)))
+    fc = ref.transformer.h[0].mlp.c_fc
+    # modelling code that reads a linear weight outside an autocast-cast op sees its bf16 rounding
+    # (here through the low bits of one weight, which bf16 storage rounds away)
+    fc.register_forward_hook(lambda m, i, out: out + (m.weight[0, 0].double() * 2**16).frac().float())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = ref(input_ids=ids).logits
+        assert linear_weights_in(ref, torch.bfloat16) == 0
+        assert torch.equal(ref(input_ids=ids).logits, before)
+    assert all(p.dtype == torch.float32 for p in ref.parameters())

@@ -2,6 +2,7 @@
 a separate critic = a transformer body + a value head."""
 
 import copy
+import logging
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from tether.rollout.generate import Rollout, forward_params, positions, sample
 
 VALUE_HEAD_FILE = "value_head.safetensors"
+log = logging.getLogger("tether")
 
 
 def load_causal_lm(model: str | PreTrainedModel) -> PreTrainedModel:
@@ -249,23 +251,37 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
 
 
 
-def linear_weights_in(model: nn.Module, dtype: torch.dtype) -> int:
+def linear_weights_in(model: PreTrainedModel, dtype: torch.dtype) -> int:
     """Store the weights and biases of `model`'s linear layers (nn.Linear, GPT-2's Conv1D) in `dtype`. Only for
-    a frozen model that only ever runs under autocast to `dtype`: autocast casts these to `dtype` at every
-    matmul anyway, so its outputs stay the same bit for bit, while the per-forward casts go and the weights take
-    half the memory. A weight shared with an embedding (a tied LM head) stays as it is, since the embedding
-    lookup reads it at full precision. Returns how many parameters were converted."""
+    a frozen model that only ever runs under autocast to `dtype` (tether's reference under bf16; called outside
+    autocast, it would then fail on mixed dtypes): autocast casts these to `dtype` at every matmul anyway, so
+    its outputs stay the same bit for bit, while the per-forward casts go and the weights take half the
+    memory. A weight shared with the input embedding (a tied LM head) stays, since the embedding lookup reads
+    it at full precision. One short probe forward under autocast, before and after, checks the outputs are
+    unchanged (modelling code could read a weight outside an autocast op); if not, every weight is put back.
+    Returns how many parameters were converted."""
     from transformers.pytorch_utils import Conv1D
 
-    embedding = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    converted = 0
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, Conv1D)):
-            for p in module.parameters(recurse=False):
-                if id(p) not in embedding and p.is_floating_point() and p.dtype != dtype:
-                    p.data = p.data.to(dtype)
-                    converted += p.numel()
-    return converted
+    kept = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    kept.add(id(model.get_input_embeddings().weight))
+    device = next(model.parameters()).device
+    ids = torch.tensor([[1, 2, 3, 4, 5]], device=device) % model.get_input_embeddings().num_embeddings
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+        before = model(input_ids=ids, use_cache=False).logits
+        originals = []
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, Conv1D)):
+                for p in module.parameters(recurse=False):
+                    if id(p) not in kept and p.is_floating_point() and p.dtype != dtype:
+                        originals.append((p, p.data))
+                        p.data = p.data.to(dtype)
+        if not torch.equal(before, model(input_ids=ids, use_cache=False).logits):
+            for p, data in originals:
+                p.data = data
+            log.warning("%s: storing its linear layers in %s would change its outputs under autocast; the "
+                        "reference keeps its weights as they are", type(model).__name__, dtype)
+            return 0
+    return sum(p.numel() for p, _ in originals)
 
 
 def frozen_reference(model: PreTrainedModel) -> PreTrainedModel:

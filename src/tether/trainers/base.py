@@ -116,12 +116,12 @@ class RLTrainer(Optimise):
                 if ref_vocab != self.vocab_size:
                     raise ValueError(f"the reference model's vocabulary ({ref_vocab}) differs from the policy's "
                                      f"({self.vocab_size}); the KL needs both over the same tokens")
-        if self.autocast_dtype is not None and self.ref is not None:  # it only runs under autocast
-            linear_weights_in(self.ref, self.autocast_dtype)
         if self.autocast_dtype is not None and self.device.type == "cpu":  # bf16 autocast on the CPU
             for m in (lm, self.ref, critic.body if critic is not None else None):
                 if m is not None:
                     fp32_attention_on_cpu(m)
+        if self.autocast_dtype is not None and self.ref is not None:  # the reference only runs under autocast
+            linear_weights_in(self.ref, self.autocast_dtype)
         self.policy = PolicyWithValueHead(lm, value_head=self.uses_critic and critic is None)
         self.critic = critic
         self.trainable = Trained(self.policy, critic)  # everything trained, as one module: checkpoints hold this

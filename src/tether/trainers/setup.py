@@ -28,12 +28,14 @@ def check_token_rows(rows, what: str, vocab_size: int) -> None:
 
 
 def keep_freed_memory() -> bool:
-    """Process-wide, glibc only: serve every allocation from the heap and never trim it, so memory the process
-    frees is reused as it is. By default glibc maps each block above a threshold (at most 32 MB) fresh from the
-    system and unmaps it on free, so every step's large buffers (full-vocabulary logits, the gradient of a
-    tied embedding, autocast's bf16 weight copies) page-fault in again, zero-filled, one page at a time: a 28 M
-    element fp32 -> bf16 cast takes 18 ms that way and 9 ms from reused memory. The resident size then stays at
-    its peak instead of shrinking after it. Returns whether it was applied (False on other C libraries)."""
+    """Process-wide, glibc only: serve every allocation from the heap and trim the heap only once more than
+    2 GiB at its top is free, so memory the process frees is reused as it is. By default glibc maps each block
+    above a threshold (at most 32 MB) fresh from the system and unmaps it on free, so every step's large buffers
+    (full-vocabulary logits, the gradient of a tied embedding, autocast's bf16 weight copies) page-fault in
+    again, zero-filled, one page at a time: a 28 M element fp32 -> bf16 cast takes 18 ms that way and 9 ms from
+    reused memory. The resident size then stays near its peak instead of shrinking after it. It overrides
+    GLIBC_TUNABLES' malloc settings and lasts until the process ends. Returns whether it was applied (False on
+    other C libraries)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
