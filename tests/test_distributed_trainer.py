@@ -54,9 +54,9 @@ def _launch(args: list[str], tmp: Path, kind: str = "ddp", launch_flags: tuple[s
 @pytest.fixture(scope="module")
 def two_process(tmp_path_factory):
     """(kind, config) -> both processes' results of tests/dist/trainer_step.py for that config. DDP and FSDP run
-    all their configs in one launch; DeepSpeed one launch per config, one engine per process as in a real run
-    (a process that built a second engine after the first aborted at times, "terminate called without an
-    active exception")."""
+    all their configs in one launch; DeepSpeed one launch per config, one engine per process as in a real run.
+    (A DeepSpeed rank aborted at times at interpreter exit, "terminate called without an active exception";
+    trainer_step.py therefore leaves with os._exit once both ranks' results are written.)"""
     done = {}
 
     def results(kind: str, name: str) -> list[dict]:
