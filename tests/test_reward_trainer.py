@@ -116,3 +116,15 @@ def test_config_reports_every_problem_at_once():
     message = str(err.value)
     for part in ("epochs=0", "eval_fraction=1.0", "margin=1.0 only applies", "lr_scheduler_type='nope'"):
         assert part in message
+
+
+def test_keep_freed_memory_is_applied_on_the_cpu_unless_switched_off(tmp_path, monkeypatch):
+    from tether.trainers import reward
+
+    applied = []
+    monkeypatch.setattr(reward, "keep_freed_memory", lambda: applied.append(True))
+    tok = make_tokenizer()
+    for keep in (False, True):
+        RewardTrainer(config(tmp_path, device="cpu", keep_freed_memory=keep), model=tiny_reward_model(tok),
+                      tokenizer=tok, data=synthetic_pairs(32, seed=0))
+        assert applied == ([True] if keep else [])

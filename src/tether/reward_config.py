@@ -58,6 +58,9 @@ class RewardConfig:
     """Evaluate every this many optimiser steps (0 = at the end of each epoch only); always at the end."""
     device: str = "auto"
     """auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ..."""
+    keep_freed_memory: bool = True
+    """On the CPU under Linux/glibc: keep freed memory for reuse (as PPOConfig.keep_freed_memory; process-wide).
+    The MiniLM example trains 1.09x faster at 5 % more peak memory."""
 
     def __post_init__(self) -> None:
         errors = _errors(self)

@@ -20,6 +20,7 @@ from tether.models.minilm import resolve_backbone
 from tether.report.sinks import JsonlSink
 from tether.reward_config import RewardConfig, resolve_device
 from tether.reward_data import Labelled, Pairs, load_reward_data, pairs_from_labels, split
+from tether.trainers.setup import keep_freed_memory
 
 log = logging.getLogger("tether")
 
@@ -30,6 +31,8 @@ class RewardTrainer:
         datasets.Dataset). The data is read and checked before any weights are loaded."""
         self.config = c = config
         self.device = resolve_device(c.device)
+        if c.keep_freed_memory and self.device.type == "cpu":
+            keep_freed_memory()
         self.train_set, self.eval_set = self._load_data(data if data is not None else c.data,
                                                         eval_data if eval_data is not None else c.eval_data)
         torch.manual_seed(c.seed)  # the fresh head's initialisation
