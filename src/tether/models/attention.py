@@ -14,7 +14,7 @@ from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from tether.rollout.generate import forward_params
+from tether.models.policy import probe_outputs
 
 log = logging.getLogger("tether")
 
@@ -41,34 +41,19 @@ AttentionInterface.register(FP32_SDPA, fp32_sdpa_attention)
 AttentionMaskInterface.register(FP32_SDPA, sdpa_mask)  # the same boolean mask sdpa gets
 
 
-@torch.no_grad()
-def _probe(model: PreTrainedModel) -> list[torch.Tensor]:
-    """One short fp32 forward without a mask and one with a left-padded row, keeping several positions' logits
-    (the shapes tether's scoring uses)."""
-    device = next(model.parameters()).device
-    vocab = model.get_input_embeddings().num_embeddings
-    ids = torch.tensor([[1, 2, 3, 4, 5], [1, 1, 2, 3, 4]], device=device) % vocab
-    outs = []
-    for mask in (None, torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]], device=device)):
-        kwargs = {"logits_to_keep": 3} if "logits_to_keep" in forward_params(model) else {}
-        out = model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
-        outs.append(out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state)
-    return outs
-
-
 def fp32_attention_on_cpu(model: PreTrainedModel) -> bool:
     """Switch a model that uses sdpa attention to the fp32 variant above, on fp32 weights and outside autocast.
     Others (eager, flash, models without the attention interface) are left alone, and so is a model whose
     outputs the switch would change: some modelling code takes other paths unless the name is exactly "sdpa"
-    (Gemma 4's shared key/value layers do), which one short probe forward before and after detects. Returns
+    (Gemma 4's shared key/value layers do), which the probe forwards before and after detect. Returns
     whether it was switched."""
     if getattr(model.config, "_attn_implementation", None) != "sdpa" or not model._can_set_attn_implementation():
         return False
-    before = _probe(model)
+    before = probe_outputs(model)
     model.set_attn_implementation(FP32_SDPA)
     if model.config._attn_implementation != FP32_SDPA:
         return False
-    if not all(torch.equal(a, b) for a, b in zip(before, _probe(model))):
+    if not all(torch.equal(a, b) for a, b in zip(before, probe_outputs(model))):
         model.set_attn_implementation("sdpa")
         log.warning("%s: fp32 attention under bf16 autocast would change its outputs; it keeps sdpa",
                     type(model).__name__)

@@ -251,37 +251,49 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
 
 
 
+@torch.no_grad()
+def probe_outputs(model: PreTrainedModel) -> list[Tensor]:
+    """Two short forwards that a set-up change must leave unchanged: one without a mask and one with a
+    left-padded row, keeping several positions' logits (as tether's scoring does); the last hidden state for a
+    model without an LM head."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([[1, 2, 3, 4, 5], [1, 1, 2, 3, 4]], device=device) % model.get_input_embeddings().num_embeddings
+    outs = []
+    for mask in (None, torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]], device=device)):
+        kwargs = {"logits_to_keep": 3} if "logits_to_keep" in forward_params(model) else {}
+        out = model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
+        outs.append(out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state)
+    return outs
+
+
 def linear_weights_in(model: PreTrainedModel, dtype: torch.dtype) -> int:
     """Store the weights and biases of `model`'s linear layers (nn.Linear, GPT-2's Conv1D) in `dtype`. Only for
     a frozen model that only ever runs under autocast to `dtype` (tether's reference under bf16; called outside
     autocast, it would then fail on mixed dtypes): autocast casts these to `dtype` at every matmul anyway, so
     its outputs stay the same bit for bit, while the per-forward casts go and the weights take half the
     memory. A weight shared with the input embedding (a tied LM head) stays, since the embedding lookup reads
-    it at full precision. One short probe forward under autocast, before and after, checks the outputs are
+    it at full precision. The probe forwards under autocast, before and after, checks the outputs are
     unchanged (modelling code could read a weight outside an autocast op); if not, every weight is put back.
     Returns how many parameters were converted."""
     from transformers.pytorch_utils import Conv1D
 
     kept = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     kept.add(id(model.get_input_embeddings().weight))
-    device = next(model.parameters()).device
-    ids = torch.tensor([[1, 2, 3, 4, 5]], device=device) % model.get_input_embeddings().num_embeddings
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
-        before = model(input_ids=ids, use_cache=False).logits
-        originals = []
-        for module in model.modules():
-            if isinstance(module, (nn.Linear, Conv1D)):
-                for p in module.parameters(recurse=False):
-                    if id(p) not in kept and p.is_floating_point() and p.dtype != dtype:
-                        originals.append((p, p.data))
-                        p.data = p.data.to(dtype)
-        if not torch.equal(before, model(input_ids=ids, use_cache=False).logits):
-            for p, data in originals:
-                p.data = data
-            log.warning("%s: storing its linear layers in %s would change its outputs under autocast; the "
-                        "reference keeps its weights as they are", type(model).__name__, dtype)
-            return 0
-    return sum(p.numel() for p, _ in originals)
+    targets = [p for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)) for p in m.parameters(recurse=False)
+               if id(p) not in kept and p.is_floating_point() and p.dtype != dtype]
+    originals = [p.data for p in targets]
+    with torch.autocast(next(model.parameters()).device.type, dtype=dtype):
+        before = probe_outputs(model)
+        for p in targets:
+            p.data = p.data.to(dtype)
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, probe_outputs(model)))
+    if not unchanged:
+        for p, data in zip(targets, originals):
+            p.data = data
+        log.warning("%s: storing its linear layers in %s would change its outputs under autocast; the "
+                    "reference keeps its weights as they are", type(model).__name__, dtype)
+        return 0
+    return sum(p.numel() for p in targets)
 
 
 def frozen_reference(model: PreTrainedModel) -> PreTrainedModel:
