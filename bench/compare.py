@@ -1,12 +1,13 @@
 """tether vs TRL 0.11.4's classic PPOTrainer on identical work, one process at a time (tether's .venv):
 
-    python bench/compare.py [--workloads a b] [--steps N [N]] [--precision {fp32,bf16}]
+    python bench/compare.py [--workloads a b] [--steps N [N]] [--precision {fp32,bf16}] [--compile]
     python bench/compare.py --render bench/results/latest.json     # only rebuild the table
 
 Prepares the shared inputs, measures matmul throughput, then runs each workload on tether and on TRL as
 subprocesses, one after another. Prints and writes bench/results/latest.json and latest.md.
 --precision bf16 runs both sides under bf16 autocast (fp32 weights and AdamW; see run_tether.py and run_trl.py)
 and sets tether's training phase against the bf16 matmul peak; fp32 (the default) autocasts nothing.
+--compile runs tether with compile=true (torch.compile of its trained forward pass); TRL runs as it ships.
 """
 
 import argparse
@@ -83,7 +84,8 @@ def fmt(x) -> str:
 
 def dtype_note(result: dict) -> str:
     """What the side's forward passes and stored tensors were, from its DtypeProbe and stored_dtypes."""
-    seen = "; ".join(f"{k} {'/'.join(f'{d} x{n}' for d, n in v.items())}" for k, v in result["forward_dtypes"].items())
+    seen = "; ".join(f"{k} {'/'.join(f'{d} x{n}' for d, n in v.items())}"
+                     for k, v in result["forward_dtypes"].items()) or "not probed (compile=true)"
     stored = result["stored_dtypes"]
     return (f"MLP outputs: {seen}. Trained weights {'/'.join(stored['weights'])}, reference weights "
             f"{'/'.join(stored['reference_weights'])}, optimiser state {'/'.join(stored['optimizer_state'])}")
@@ -107,12 +109,13 @@ def markdown(report: dict) -> str:
     notes = []
     for name, r in report["workloads"].items():
         for side in ("tether", "trl"):
+            label = "tether (compile=true)" if side == "tether" and r[side].get("compile") else side
             if r[side].get("failed"):
-                rows.append(f"| ({name}) | {side} | failed | failed | failed | failed | | |")
+                rows.append(f"| ({name}) | {label} | failed | failed | failed | failed | | |")
                 continue
             h = r[f"{side}_headline"]
             s = h["phases"]
-            rows.append(f"| ({name}) | {side} | {h['episodes_per_s']:.2f} | {h['tokens_per_s']:.1f} | "
+            rows.append(f"| ({name}) | {label} | {h['episodes_per_s']:.2f} | {h['tokens_per_s']:.1f} | "
                         f"{h['episodes_per_cpu_s']:.3f} | {h['peak_rss_mb']:.0f} | {s['generate']:.2f} | "
                         f"{s['total'] - s['generate']:.2f} |")
         q = r["ratios"]
@@ -147,6 +150,8 @@ def main() -> None:
                         help="timed PPO steps after one warm-up step; one number, or one per workload")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="bf16: forward passes under bf16 autocast on both sides (fp32 weights and AdamW)")
+    parser.add_argument("--compile", action="store_true", help="tether with compile=true (TRL 0.11.4 has no such "
+                        "option); each side's warm-up step, untimed, then includes the compile")
     parser.add_argument("--render", metavar="JSON", help="only rebuild the table from a saved latest.json")
     args = parser.parse_args()
     if args.render:
@@ -159,12 +164,14 @@ def main() -> None:
     if not TRL_PYTHON.exists():
         sys.exit(f"{TRL_PYTHON} is missing: run bench/setup_trl.sh first")
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpus": os.cpu_count(),
-              "loadavg_before": os.getloadavg(), "steps": steps, "precision": args.precision, "workloads": {}}
+              "loadavg_before": os.getloadavg(), "steps": steps, "precision": args.precision, "compile": args.compile,
+              "workloads": {}}
     start = time.perf_counter()
     subprocess.run([sys.executable, HERE / "prepare.py", *args.workloads], cwd=HERE, check=True)
     report["matmul"] = run(sys.executable, "matmul.py", "--precision", args.precision)
     for name in args.workloads:
-        tether = run(sys.executable, "run_tether.py", name, "--steps", steps[name], "--precision", args.precision)
+        tether = run(sys.executable, "run_tether.py", name, "--steps", steps[name], "--precision", args.precision,
+                     *(["--compile"] if args.compile else []))
         trl = run(TRL_PYTHON, "run_trl.py", name, "--steps", steps[name], "--precision", args.precision)
         report["workloads"][name] = compare_entry(tether, trl, report["matmul"], args.precision)
     report["loadavg_after"] = os.getloadavg()
@@ -174,7 +181,8 @@ def main() -> None:
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
     (RESULTS / "latest.md").write_text(table)
-    print(f"\n[compare] {report['date']}, {report['cpus']} CPUs, {args.precision}, load average (1/5/15 min) before "
+    print(f"\n[compare] {report['date']}, {report['cpus']} CPUs, {args.precision}"
+          f"{', tether compile=true' if args.compile else ''}, load average (1/5/15 min) before "
           f"{'/'.join(f'{x:.2f}' for x in report['loadavg_before'])}, after "
           f"{'/'.join(f'{x:.2f}' for x in report['loadavg_after'])}; {report['wall_s']:.0f} s\n")
     print(table)

@@ -3,6 +3,7 @@
 One untimed warm-up step, then --steps timed steps of generate -> reward -> step. Prints one RESULT line.
 --precision bf16 sets PPOConfig(precision="bf16"): generation, scoring and update forward passes under bf16
 autocast, weights and AdamW in fp32 (fp32, the default, is what precision="auto" means on a CPU).
+--compile sets PPOConfig(compile=True) (the warm-up step then includes the compile; the dtype probe is left out).
 Training-phase FLOPs (a model-FLOPs count, the usual 6 x params x tokens for forward + backward):
     6 * ppo_epochs * (N_body * B * (P + T) + N_head * B * T)
 N_body: parameters outside the embeddings and the LM head; N_head = vocabulary x width (tether projects only
@@ -37,7 +38,7 @@ def param_counts(model) -> tuple[int, int]:
     return body, head.numel()
 
 
-def workload_trainer(w, steps: int, run_name: str, precision: str = "fp32"):
+def workload_trainer(w, steps: int, run_name: str, precision: str = "fp32", compile_: bool = False):
     """tether's PPOTrainer for workload `w` (its prepared model and prompt ids) -> (trainer, prompt ids, meta)."""
     from tether import PPOConfig
     from tether.trainers.ppo import PPOTrainer
@@ -48,18 +49,20 @@ def workload_trainer(w, steps: int, run_name: str, precision: str = "fp32"):
                        ppo_epochs=w.ppo_epochs, gradient_accumulation_steps=1, learning_rate=w.learning_rate,
                        init_kl_coef=w.init_kl_coef, adaptive_kl=False, max_new_tokens=w.max_new_tokens,
                        temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=0, max_grad_norm=1.0,
-                       precision=precision)
+                       precision=precision, compile=compile_)
     return PPOTrainer(config), prompt_ids, meta
 
 
 def main() -> None:
-    w, steps, precision = runner_args()
+    w, steps, precision, compile_ = runner_args(compile_option=True)
     import tether
     from tether.demo import vader_reward
 
-    trainer, prompt_ids, meta = workload_trainer(w, steps, "tether-run", precision)
+    trainer, prompt_ids, meta = workload_trainer(w, steps, "tether-run", precision, compile_)
     checksum = logits_checksum(trainer.policy.model, prompt_ids)  # outside autocast: fp32 on both sides
-    probe = DtypeProbe(policy=trainer.policy.model, reference=trainer.ref)
+    # Not under compile: torch.compile would trace the probe's hooks, and their counting (a Python dict that
+    # changes at every call) would make it recompile until it gives up and runs eagerly.
+    probe = DtypeProbe() if compile_ else DtypeProbe(policy=trainer.policy.model, reference=trainer.ref)
     queries = [torch.tensor(q) for q in prompt_ids]
     body, head = param_counts(trainer.policy.model)
     timings, tokens, rewards, flops = [], [], [], []
@@ -94,7 +97,7 @@ def main() -> None:
     result.update({"tether": getattr(tether, "__version__", "dev"), "logits_checksum": checksum,
                    "params_body": body, "params_head": head, "train_flops_per_step": mean(flops),
                    "train_gflops_per_s": mean(flops) / result["s_per_step"]["optimise"] / 1e9,
-                   "precision": precision, "forward_dtypes": probe.seen,
+                   "precision": precision, "compile": compile_, "forward_dtypes": probe.seen,
                    "stored_dtypes": stored_dtypes(trainer.trainable, trainer.ref, trainer.optimizer)})
     emit(result)
 

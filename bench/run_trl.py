@@ -34,7 +34,7 @@ from workloads import (
 
 
 def main() -> None:
-    w, steps, precision = runner_args()
+    w, steps, precision, _ = runner_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     import trl
     from transformers import AutoTokenizer, set_seed

@@ -41,15 +41,17 @@ REWARD_TOKEN = 7  # workload (a): the reward is the share of this token id among
 PRECISIONS = ("fp32", "bf16")  # fp32: no autocast; bf16: forward passes under bf16 autocast, fp32 weights and AdamW
 
 
-def runner_args() -> tuple["Workload", int, str]:
-    """The command line both side runners take: WORKLOAD [--steps N] [--precision P] -> (workload, timed steps,
-    precision)."""
+def runner_args(compile_option: bool = False) -> tuple["Workload", int, str, bool]:
+    """The command line both side runners take: WORKLOAD [--steps N] [--precision P], and with compile_option
+    (tether's runner) [--compile] -> (workload, timed steps, precision, compile)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("workload", choices=WORKLOADS)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    if compile_option:
+        parser.add_argument("--compile", action="store_true", help="PPOConfig(compile=True)")
     args = parser.parse_args()
-    return WORKLOADS[args.workload], args.steps, args.precision
+    return WORKLOADS[args.workload], args.steps, args.precision, getattr(args, "compile", False)
 
 
 class DtypeProbe:

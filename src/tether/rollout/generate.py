@@ -37,7 +37,10 @@ def _forward_params(model_class: type) -> frozenset[str]:
 
 
 def forward_params(model: nn.Module) -> frozenset[str]:
-    """Names `model.forward` accepts, looked up once per model class."""
+    """Names `model.forward` accepts, looked up once per model class (while torch.compile traces, read directly:
+    the graph holds the answer as a constant)."""
+    if torch.compiler.is_compiling():
+        return _forward_params.__wrapped__(type(model))
     return _forward_params(type(model))
 
 

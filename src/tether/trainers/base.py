@@ -53,6 +53,7 @@ from tether.trainers.run import RunLogger
 from tether.trainers.setup import (
     add_lora,
     autocast_dtype,
+    check_compile,
     check_token_rows,
     eos_ids,
     eos_rate,
@@ -92,6 +93,8 @@ class RLTrainer(Optimise):
         self.device = self.ranks.device or torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
         self.autocast_dtype = autocast_dtype(c.precision, self.device)
+        if c.compile:
+            check_compile(self.device, self.ranks.num)
         if c.keep_freed_memory and self.device.type == "cpu":
             keep_freed_memory()
         seed_everything(c.seed)
@@ -146,6 +149,9 @@ class RLTrainer(Optimise):
         # Forward passes that train go through this: DDP, a DeepSpeed engine or FSDP on several processes.
         self.trainable_forward = self.ranks.prepare(self.trainable, self.optimizer, c.minibatch_size,
                                                     c.gradient_accumulation_steps, c.max_grad_norm, ["rollout"])
+        if c.compile:  # lazily: the first scoring pass and the first update compile (one graph each, grad or not)
+            log.info("compile=true: the first step compiles the trained forward pass; later steps reuse it")
+            self.trainable_forward = torch.compile(self.trainable_forward)
         # Clipped apart: a separate critic's large early gradients must not shrink the policy's step. Taken after
         # `prepare`, which may replace the parameters (FSDP's are sharded); DeepSpeed clips with its own norm.
         self.clip_groups = [[p for p in m.parameters() if p.requires_grad]

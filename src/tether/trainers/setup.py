@@ -46,6 +46,23 @@ def keep_freed_memory() -> bool:
     return libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
 
 
+def check_compile(device: torch.device, processes: int) -> None:
+    """What compile=true needs, checked before any model is loaded: one process, and on the CPU a C++ compiler
+    for torch.compile's inductor backend (it generates and builds C++ kernels at the first step)."""
+    if processes > 1:
+        raise ValueError(f"compile=true runs on one process for now; this launch has {processes} "
+                         f"(set compile=false)")
+    if device.type == "cpu":
+        from torch._inductor import cpp_builder
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except Exception as err:  # inductor raises its own InvalidCxxCompiler; any failure here means the same
+            raise RuntimeError("compile=true on the CPU needs a C++ compiler for torch.compile's inductor backend, "
+                               "and none was found: install g++ (or set CXX to a compiler), or set "
+                               "compile=false") from err
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
