@@ -10,7 +10,10 @@ log-probs of the response tokens, backward; no optimiser) eagerly, best of --rep
                       only the rows of the tokens present are added. The summed gradient is the same (checked).
   --keep-freed-memory tether's keep_freed_memory() first (what the trainer does on the CPU by default), so
                       every timing below reuses freed memory instead of page-faulting large buffers in again.
-  --compile           torch.compile (inductor, needs a C++ compiler); prints the compile time too.
+  --compile           torch.compile (inductor, needs a C++ compiler); prints the compile time too. With --bf16,
+                      compiled under bf16 autocast with tether's fp32 attention (what compile=true and
+                      precision="bf16" run on the CPU); with --ops N as well, the top N operators of one compiled
+                      update and the rate its matmuls (aten::mm, self time) reach: 6 x params x tokens FLOPs.
   --bf16              under bf16 autocast (weights stay fp32), with the model's own sdpa attention and then with
                       tether's fp32 attention (what precision="bf16" does on the CPU); with --ops N, the top N
                       operators by self CPU time of one update, fp32 and bf16.
@@ -112,19 +115,37 @@ def main() -> None:
               f"max |grad difference| {diff:.2e}; every .grad dense (fused AdamW needs it): {all_dense}")
         model.get_input_embeddings().sparse = False
     if args.compile:
+        if args.bf16:  # compared with eager bf16 autocast and fp32 attention, as the trainer would run it
+            from tether.models.attention import fp32_attention_on_cpu
+
+            fp32_attention_on_cpu(model)
+            eager = best(model, autocast=True)
+            print(f"  bf16 autocast, attention in fp32, eager: {eager * 1e3:.1f} ms")
         compiled = torch.compile(model, mode=args.mode)
         t0 = time.perf_counter()
         try:
-            update(compiled)
+            update(compiled, autocast=args.bf16)
         except Exception as err:  # no compiler, unsupported op: report instead of failing
             print(f"  torch.compile failed after {time.perf_counter() - t0:.1f} s: {type(err).__name__}: "
                   f"{str(err)[:300]}")
             return
         compile_s = time.perf_counter() - t0
-        fast = best(compiled)
+        fast = best(compiled, autocast=args.bf16)
         gain = eager - fast
         print(f"  torch.compile: {fast * 1e3:.1f} ms ({eager / fast:.2f}x), compile {compile_s:.1f} s"
               + (f", pays back after {compile_s / gain:.0f} minibatches" if gain > 0 else ", never pays back"))
+        if args.ops:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                update(compiled, autocast=args.bf16)
+            ops = prof.key_averages()
+            print(ops.table(sort_by="self_cpu_time_total", row_limit=args.ops))
+            mm_s = sum(e.self_cpu_time_total for e in ops if e.key == "aten::mm") / 1e6
+            embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+            head = model.get_output_embeddings().weight
+            body = sum(p.numel() for p in model.parameters() if id(p) not in embeddings and p is not head)
+            flops = 6 * (body * B * (P + T) + head.numel() * B * T)
+            print(f"  matmuls of one compiled update: {flops / 1e9:.1f} GFLOP in {mm_s * 1e3:.0f} ms of aten::mm = "
+                  f"{flops / mm_s / 1e9:.0f} GFLOP/s")
 
 
 if __name__ == "__main__":
