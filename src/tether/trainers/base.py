@@ -23,20 +23,13 @@ from tether.config import PPOConfig
 from tether.data import load_prompts
 from tether.distributed import Ranks, check_sizes, rank_seed
 from tether.losses.ppo import explained_variance
-from tether.models.attention import fp32_attention_on_cpu
 from tether.models.policy import (
-    PolicyWithValueHead,
     Trained,
-    build_critic,
     context_length,
-    enable_gradient_checkpointing,
-    frozen_reference,
-    linear_weights_in,
-    load_causal_lm,
     response_forward,
     state_dict_part,
 )
-from tether.models.rewards import resolve_reward, score_batch
+from tether.models.rewards import score_batch
 from tether.ops import gather_logprobs, get_estimator, masked_mean, masked_whiten
 from tether.ops.kl_control import AdaptiveKLController, FixedKLController
 from tether.ops.logprobs import token_stats
@@ -44,6 +37,7 @@ from tether.ops.masks import response_mask
 from tether.ops.rewards import RunningMoments
 from tether.report import build_report
 from tether.rollout import Sampler
+from tether.trainers.assemble import build_models
 from tether.trainers.batching import left_pad, right_pad
 from tether.trainers.checkpoint import maybe_resume, write_checkpoint
 from tether.trainers.guards import FaultCounter, warn_if_negative_kl
@@ -51,7 +45,6 @@ from tether.trainers.optimise import Optimise
 from tether.trainers.rollouts import Generation, Scored
 from tether.trainers.run import RunLogger
 from tether.trainers.setup import (
-    add_lora,
     autocast_dtype,
     check_compile,
     check_token_rows,
@@ -101,38 +94,12 @@ class RLTrainer(Optimise):
         self.tokenizer = load_tokenizer(tokenizer, model if model is not None else c.model)
         self.prompts = load_prompts(prompts if prompts is not None else c.prompts, c.prompt_column) \
             if (prompts is not None or c.prompts) else None
-        # Loaded whole on every process; under ZeRO-3 the engine shards the trained module when it is prepared.
-        with self.ranks.whole_models():
-            reward = reward if reward is not None else c.reward
-            self.reward = resolve_reward(reward, self.device, self.local_batch) if reward is not None else None
-
-            lm = load_causal_lm(model if model is not None else c.model).to(self.device).eval()
-            self.vocab_size = lm.get_output_embeddings().out_features
-            # before LoRA: a policy-initialised critic copies the plain body
-            critic = build_critic(c.critic, lm, reward, self.tokenizer, self.device) if self.uses_critic else None
-            if c.lora_r:
-                self.peft, self.ref = add_lora(lm, c), None
-            else:
-                self.peft = None
-                self.ref = frozen_reference(load_causal_lm(ref_model).to(self.device) if ref_model is not None else lm)
-                ref_vocab = self.ref.get_output_embeddings().out_features
-                if ref_vocab != self.vocab_size:
-                    raise ValueError(f"the reference model's vocabulary ({ref_vocab}) differs from the policy's "
-                                     f"({self.vocab_size}); the KL needs both over the same tokens")
-        if self.autocast_dtype is not None and self.device.type == "cpu":  # bf16 autocast on the CPU
-            for m in (lm, self.ref, critic.body if critic is not None else None):
-                if m is not None:
-                    fp32_attention_on_cpu(m)
-        if self.autocast_dtype is not None and self.ref is not None:  # the reference only runs under autocast
-            linear_weights_in(self.ref, self.autocast_dtype)
-        self.policy = PolicyWithValueHead(lm, value_head=self.uses_critic and critic is None)
-        self.critic = critic
-        self.trainable = Trained(self.policy, critic)  # everything trained, as one module: checkpoints hold this
-        if c.gradient_checkpointing:
-            enable_gradient_checkpointing(lm)
-            if critic is not None:
-                enable_gradient_checkpointing(critic.body)
-        self.eos_token_ids = eos_ids(self.tokenizer, lm)
+        m = build_models(c, self.ranks, self.device, self.autocast_dtype, self.uses_critic, self.tokenizer, model,
+                         ref_model, reward, self.local_batch)
+        self.policy, self.critic, self.ref, self.peft, self.reward = m.policy, m.critic, m.ref, m.peft, m.reward
+        self.vocab_size = m.vocab_size
+        self.trainable = Trained(self.policy, self.critic)  # everything trained, as one module: checkpoints hold this
+        self.eos_token_ids = eos_ids(self.tokenizer, self.policy.model)
         self.sampler = Sampler(self.eos_token_ids, c.temperature, c.top_k, c.top_p, c.min_new_tokens,
                                c.repetition_penalty, c.no_repeat_ngram_size, logits_processors)
         self.encoded_prompts = [self._encode(p, f"prompt row {i}") for i, p in enumerate(self.prompts or [])]
@@ -155,7 +122,7 @@ class RLTrainer(Optimise):
         # Clipped apart: a separate critic's large early gradients must not shrink the policy's step. Taken after
         # `prepare`, which may replace the parameters (FSDP's are sharded); DeepSpeed clips with its own norm.
         self.clip_groups = [[p for p in m.parameters() if p.requires_grad]
-                            for m in ([self.policy, critic] if critic is not None else [self.policy])]
+                            for m in ([self.policy, self.critic] if self.critic is not None else [self.policy])]
         self.sample_generator = torch.Generator(self.device).manual_seed(rank_seed(c.seed, self.ranks.rank))
         self.shuffle_generator = torch.Generator().manual_seed(c.seed + 1)  # minibatch partitions
         self.data_generator = torch.Generator().manual_seed(c.seed + 2)  # prompt order

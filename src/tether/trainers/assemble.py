@@ -1,0 +1,68 @@
+"""Trainer set-up, part 2: the models a trainer holds, loaded and made ready before anything is wrapped for
+several processes. The policy (with a value head when the algorithm uses a critic but has no separate one), a
+separate critic, the frozen reference or LoRA adapters in its place, and the reward; then what precision and
+gradient checkpointing change on them."""
+
+from dataclasses import dataclass
+
+import torch
+
+from tether.config import PPOConfig
+from tether.distributed import Ranks
+from tether.models.attention import fp32_attention_on_cpu
+from tether.models.policy import (
+    Critic,
+    PolicyWithValueHead,
+    build_critic,
+    enable_gradient_checkpointing,
+    frozen_reference,
+    linear_weights_in,
+    load_causal_lm,
+)
+from tether.models.rewards import resolve_reward
+from tether.trainers.setup import add_lora
+
+
+@dataclass
+class Models:
+    policy: PolicyWithValueHead
+    critic: Critic | None  # a separate critic (ppo with critic=policy, reward or a path); None: shared or none
+    ref: torch.nn.Module | None  # the frozen reference; None with LoRA (the policy with its adapters disabled)
+    peft: torch.nn.Module | None  # the PeftModel around the policy's LM with LoRA, else None
+    reward: object  # the resolved reward (callable or reward model adapter), None when none was given
+    vocab_size: int
+
+
+def build_models(c: PPOConfig, ranks: Ranks, device: torch.device, autocast_dtype: torch.dtype | None,
+                 uses_critic: bool, tokenizer, model=None, ref_model=None, reward=None, local_batch: int = 1) -> Models:
+    """The config's models, or the modules given (model, ref_model, reward override the config's keys)."""
+    # Loaded whole on every process; under ZeRO-3 the engine shards the trained module when it is prepared.
+    with ranks.whole_models():
+        reward = reward if reward is not None else c.reward
+        resolved = resolve_reward(reward, device, local_batch) if reward is not None else None
+
+        lm = load_causal_lm(model if model is not None else c.model).to(device).eval()
+        vocab_size = lm.get_output_embeddings().out_features
+        # before LoRA: a policy-initialised critic copies the plain body
+        critic = build_critic(c.critic, lm, reward, tokenizer, device) if uses_critic else None
+        if c.lora_r:
+            peft, ref = add_lora(lm, c), None
+        else:
+            peft = None
+            ref = frozen_reference(load_causal_lm(ref_model).to(device) if ref_model is not None else lm)
+            ref_vocab = ref.get_output_embeddings().out_features
+            if ref_vocab != vocab_size:
+                raise ValueError(f"the reference model's vocabulary ({ref_vocab}) differs from the policy's "
+                                 f"({vocab_size}); the KL needs both over the same tokens")
+    if autocast_dtype is not None and device.type == "cpu":  # bf16 autocast on the CPU
+        for m in (lm, ref, critic.body if critic is not None else None):
+            if m is not None:
+                fp32_attention_on_cpu(m)
+    if autocast_dtype is not None and ref is not None:  # the reference only runs under autocast
+        linear_weights_in(ref, autocast_dtype)
+    policy = PolicyWithValueHead(lm, value_head=uses_critic and critic is None)
+    if c.gradient_checkpointing:
+        enable_gradient_checkpointing(lm)
+        if critic is not None:
+            enable_gradient_checkpointing(critic.body)
+    return Models(policy, critic, ref, peft, resolved, vocab_size)
