@@ -85,7 +85,7 @@ def fmt(x) -> str:
 def dtype_note(result: dict) -> str:
     """What the side's forward passes and stored tensors were, from its DtypeProbe and stored_dtypes."""
     seen = "; ".join(f"{k} {'/'.join(f'{d} x{n}' for d, n in v.items())}"
-                     for k, v in result["forward_dtypes"].items()) or "not probed (compile=true)"
+                     for k, v in result["forward_dtypes"].items()) or "none probed"
     stored = result["stored_dtypes"]
     return (f"MLP outputs: {seen}. Trained weights {'/'.join(stored['weights'])}, reference weights "
             f"{'/'.join(stored['reference_weights'])}, optimiser state {'/'.join(stored['optimizer_state'])}")
@@ -98,7 +98,7 @@ def dtypes_as_expected(result: dict, precision: str) -> bool:
     want = "bfloat16" if precision == "bf16" else "float32"
     stored = result["stored_dtypes"]
     reference_ok = set(stored["reference_weights"]) <= ({"float32", "bfloat16"} if precision == "bf16" else {"float32"})
-    return (all(set(v) == {want} for v in result["forward_dtypes"].values())
+    return (result["forward_dtypes"] and all(set(v) == {want} for v in result["forward_dtypes"].values())
             and stored["weights"] == ["float32"] and stored["optimizer_state"] == ["float32"] and reference_ok)
 
 

@@ -3,7 +3,8 @@
 One untimed warm-up step, then --steps timed steps of generate -> reward -> step. Prints one RESULT line.
 --precision bf16 sets PPOConfig(precision="bf16"): generation, scoring and update forward passes under bf16
 autocast, weights and AdamW in fp32 (fp32, the default, is what precision="auto" means on a CPU).
---compile sets PPOConfig(compile=True) (the warm-up step then includes the compile; the dtype probe is left out).
+--compile sets PPOConfig(compile=True) (the warm-up step then includes the compile; only the reference's dtypes
+are probed, as the policy's forward is compiled).
 Training-phase FLOPs (a model-FLOPs count, the usual 6 x params x tokens for forward + backward):
     6 * ppo_epochs * (N_body * B * (P + T) + N_head * B * T)
 N_body: parameters outside the embeddings and the LM head; N_head = vocabulary x width (tether projects only
@@ -60,9 +61,10 @@ def main() -> None:
 
     trainer, prompt_ids, meta = workload_trainer(w, steps, "tether-run", precision, compile_)
     checksum = logits_checksum(trainer.policy.model, prompt_ids)  # outside autocast: fp32 on both sides
-    # Not under compile: torch.compile would trace the probe's hooks, and their counting (a Python dict that
-    # changes at every call) would make it recompile until it gives up and runs eagerly.
-    probe = DtypeProbe() if compile_ else DtypeProbe(policy=trainer.policy.model, reference=trainer.ref)
+    # Under compile only the reference (eager): torch.compile would trace the policy's hook, and its counting (a
+    # Python dict that changes at every call) would make it recompile until it gives up and runs eagerly.
+    probe = DtypeProbe(reference=trainer.ref) if compile_ else DtypeProbe(policy=trainer.policy.model,
+                                                                          reference=trainer.ref)
     queries = [torch.tensor(q) for q in prompt_ids]
     body, head = param_counts(trainer.policy.model)
     timings, tokens, rewards, flops = [], [], [], []

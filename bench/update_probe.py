@@ -13,7 +13,7 @@ log-probs of the response tokens, backward; no optimiser) eagerly, best of --rep
   --compile           torch.compile (inductor, needs a C++ compiler); prints the compile time too. With --bf16,
                       compiled under bf16 autocast with tether's fp32 attention (what compile=true and
                       precision="bf16" run on the CPU); with --ops N as well, the top N operators of one compiled
-                      update and the rate its matmuls (aten::mm, self time) reach: 6 x params x tokens FLOPs.
+                      update and the rate its matmuls (aten::mm and addmm, self time) reach: 6 x params x tokens FLOPs.
   --bf16              under bf16 autocast (weights stay fp32), with the model's own sdpa attention and then with
                       tether's fp32 attention (what precision="bf16" does on the CPU); with --ops N, the top N
                       operators by self CPU time of one update, fp32 and bf16.
@@ -139,7 +139,7 @@ def main() -> None:
                 update(compiled, autocast=args.bf16)
             ops = prof.key_averages()
             print(ops.table(sort_by="self_cpu_time_total", row_limit=args.ops))
-            mm_s = sum(e.self_cpu_time_total for e in ops if e.key == "aten::mm") / 1e6
+            mm_s = sum(e.self_cpu_time_total for e in ops if e.key in ("aten::mm", "aten::addmm")) / 1e6
             embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
             head = model.get_output_embeddings().weight
             body = sum(p.numel() for p in model.parameters() if id(p) not in embeddings and p is not head)

@@ -99,9 +99,10 @@ def checkpoint_step(path: Path) -> int:
 
 
 # Config keys that may change between a run and its resumption; any other change would make the resumed
-# run a different experiment than the one its metrics.jsonl describes.
+# run a different experiment than the one its metrics.jsonl describes. compile and keep_freed_memory change
+# speed and round-off only (a compiled run can go on where no C++ compiler is).
 RESUMABLE_CHANGES = {"steps", "resume", "checkpoint_every", "keep_checkpoints", "samples_every", "samples_per_step",
-                     "max_faults_in_row", "device"}
+                     "max_faults_in_row", "device", "compile", "keep_freed_memory"}
 
 
 def capture_state(trainer) -> dict:
