@@ -13,7 +13,7 @@ from tether.trainers.setup import check_compile
 
 def _has_cpp_compiler() -> bool:
     try:
-        check_compile(torch.device("cpu"), 1)
+        check_compile(torch.device("cpu"), "none")
     except RuntimeError:
         return False
     return True
@@ -86,6 +86,7 @@ def test_compile_without_a_cpp_compiler_is_refused_before_loading_anything(tmp_p
                              output_dir=str(tmp_path / "run")))
 
 
-def test_compile_with_several_processes_is_refused():
-    with pytest.raises(ValueError, match="one process.*has 2"):
-        check_compile(torch.device("cpu"), 2)
+@pytest.mark.parametrize("sharding", ["deepspeed-zero3", "fsdp2"])
+def test_compile_with_sharded_parameters_is_refused(sharding):
+    with pytest.raises(ValueError, match=f"sharded parameters \\({sharding}\\).*DDP or ZeRO-2"):
+        check_compile(torch.device("cpu"), sharding)

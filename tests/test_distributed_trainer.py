@@ -88,6 +88,7 @@ def test_two_process_update_equals_one_process_update(two_process, kind, name, t
         keys = [k for k in keys if not k.endswith("grad_norm")]
     for res in two_process(kind, name):
         assert res[name]["wrapper"] == WRAPPERS[kind]
+        assert res[name]["compiled"] == (name == "ppo_compile")  # torch.compile around DDP or the engine
         assert res[name]["param_type"] == ("DTensor" if kind == "fsdp" else "Parameter")
         for k in keys:
             assert abs(res[name]["stats"][k] - one["stats"][k]) < 1e-5, (k, res[name]["stats"][k], one["stats"][k])

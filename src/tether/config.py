@@ -161,7 +161,7 @@ class PPOConfig:
     critic); generation and the reference stay eager. The first step compiles (about 45 s for SmolLM2-135M on two
     CPU cores, more when prompt or response lengths first change and shapes turn dynamic), then each update runs
     fused kernels: 1.2x per step on SmolLM2-135M under bf16 on the CPU (11.4 -> 9.4 s), 1.04x in fp32. Needs a
-    C++ compiler on the CPU. One process only for now."""
+    C++ compiler on the CPU. With one process, DDP or DeepSpeed ZeRO-2; refused with ZeRO-3 and FSDP for now."""
     keep_freed_memory: bool = True
     """On the CPU under Linux/glibc: keep the memory the process frees for reuse instead of returning large
     blocks to the system, which otherwise page-faults every step's large buffers in again (logits, gradients,

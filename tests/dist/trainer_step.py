@@ -24,7 +24,10 @@ CONFIGS = {
                         "max_grad_norm": 0.0},
 }
 CONFIGS["ppo_critic"] = {**CONFIGS["ppo_lora_critic"], "lora_r": 0}  # LoRA is refused on ZeRO-3
-CASES = {"ddp": ["grpo", "ppo", "ppo_lora_critic"], "zero2": ["grpo", "ppo", "ppo_lora_critic"],
+CONFIGS["ppo_compile"] = {**CONFIGS["ppo"], "compile": True}
+# compile: with whole parameters only (ZeRO-3 and FSDP are refused)
+CASES = {"ddp": ["grpo", "ppo", "ppo_compile", "ppo_lora_critic"],
+         "zero2": ["grpo", "ppo", "ppo_compile", "ppo_lora_critic"],
          "zero3": ["grpo", "ppo", "ppo_critic"], "fsdp": ["grpo", "ppo", "ppo_critic"]}
 
 
@@ -103,7 +106,10 @@ def run(name: str, out: Path, rank: int, num: int) -> dict:
     with torch.no_grad():
         skipped = trainer.step(queries[rows], responses[rows], nan_scores[rows])
     unchanged = all(torch.equal(after[k], v) for k, v in weights().items())
-    return {"wrapper": type(trainer.trainable_forward).__name__, "param_type": type(next(trainer.trainable.parameters())).__name__,
+    forward = trainer.trainable_forward
+    return {"wrapper": type(getattr(forward, "_orig_mod", forward)).__name__,
+            "compiled": isinstance(forward, torch._dynamo.eval_frame.OptimizedModule),
+            "param_type": type(next(trainer.trainable.parameters())).__name__,
             "stats": stats, "weights": after, "skipped": skipped, "unchanged_after_skip": unchanged,
             "faulted": faulted, "over_ratio": over_ratio, "skipped_updates_unchanged": skipped_updates_unchanged}
 

@@ -18,8 +18,8 @@ def check_token_rows(rows, what: str, vocab_size: int) -> None:
     sample its first token from a padding position, at a different position than it is scored at."""
     for i, row in enumerate(rows):
         if not isinstance(row, Tensor) or row.dim() != 1 or row.dtype.is_floating_point or row.dtype == torch.bool:
-            raise TypeError(f"{what} {i}: expected a 1-D tensor of token ids, got "
-                            f"{type(row).__name__}{'' if not isinstance(row, Tensor) else f' {row.dtype} {tuple(row.shape)}'}")
+            got = type(row).__name__ + ("" if not isinstance(row, Tensor) else f" {row.dtype} {tuple(row.shape)}")
+            raise TypeError(f"{what} {i}: expected a 1-D tensor of token ids, got {got}")
         if len(row) == 0:
             raise ValueError(f"{what} {i} has no tokens")
         if row.min() < 0 or row.max() >= vocab_size:
@@ -46,12 +46,14 @@ def keep_freed_memory() -> bool:
     return libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
 
 
-def check_compile(device: torch.device, processes: int) -> None:
-    """What compile=true needs, checked before any model is loaded: one process, and on the CPU a C++ compiler
-    for torch.compile's inductor backend (it generates and builds C++ kernels at the first step)."""
-    if processes > 1:
-        raise ValueError(f"compile=true runs on one process for now; this launch has {processes} "
-                         f"(set compile=false)")
+def check_compile(device: torch.device, sharding: str) -> None:
+    """What compile=true needs, checked before any model is loaded: whole parameters on every process (one
+    process, DDP or DeepSpeed ZeRO-2), and on the CPU a C++ compiler for torch.compile's inductor backend (it
+    generates and builds C++ kernels at the first step)."""
+    if sharding in ("deepspeed-zero3", "fsdp2"):  # Ranks.sharding
+        raise ValueError(f"compile=true with sharded parameters ({sharding}) is not supported yet: their gathering "
+                         f"hooks make the compiler recompile until it gives up; use DDP or ZeRO-2, or set "
+                         f"compile=false")
     if device.type == "cpu":
         from torch._inductor import cpp_builder
 
