@@ -16,27 +16,20 @@ Divided by time/optimise (the PPO epochs alone; median over the timed steps) it 
 import time
 
 import torch
-from torch import nn
 from workloads import (
     DtypeProbe,
     emit,
     load_inputs,
     logits_checksum,
     mean,
+    param_counts,
     progress,
     runner_args,
     stored_dtypes,
     summary,
     token_share,
+    update_flops,
 )
-
-
-def param_counts(model) -> tuple[int, int]:
-    """(N_body, N_head): embeddings (token and position) and the LM head excluded from the body."""
-    head = model.get_output_embeddings().weight
-    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    body = sum(p.numel() for p in model.parameters() if id(p) not in embeddings and p is not head)
-    return body, head.numel()
 
 
 def workload_trainer(w, steps: int, run_name: str, precision: str = "fp32", compile_: bool = False):
@@ -66,7 +59,7 @@ def main() -> None:
     probe = DtypeProbe(reference=trainer.ref) if compile_ else DtypeProbe(policy=trainer.policy.model,
                                                                           reference=trainer.ref)
     queries = [torch.tensor(q) for q in prompt_ids]
-    body, head = param_counts(trainer.policy.model)
+    body, head = param_counts(trainer.policy.model)  # for the result; update_flops counts them itself
     timings, tokens, rewards, flops = [], [], [], []
     for step in range(steps + 1):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -89,7 +82,7 @@ def main() -> None:
         if step == 0:
             continue
         B, P, T = len(queries), max(map(len, gen.queries)), max(map(len, gen.responses))
-        flops.append(6 * w.ppo_epochs * (body * B * (P + T) + head * B * T))
+        flops.append(w.ppo_epochs * update_flops(trainer.policy.model, B, P, T))
         timings.append({"generate": t1 - t0, "reward": t2 - t1, "score_forward": stats["time/score"],
                         "optimise": stats["time/optimise"], "step": t3 - t2, "total": t3 - t0,
                         "cpu": time.process_time() - c0})

@@ -26,7 +26,7 @@ import time
 from contextlib import nullcontext
 
 import torch
-from workloads import WORKLOADS, load_inputs
+from workloads import WORKLOADS, load_inputs, update_flops
 
 
 def main() -> None:
@@ -140,11 +140,8 @@ def main() -> None:
             ops = prof.key_averages()
             print(ops.table(sort_by="self_cpu_time_total", row_limit=args.ops))
             mm_s = sum(e.self_cpu_time_total for e in ops if e.key in ("aten::mm", "aten::addmm")) / 1e6
-            embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-            head = model.get_output_embeddings().weight
-            body = sum(p.numel() for p in model.parameters() if id(p) not in embeddings and p is not head)
-            flops = 6 * (body * B * (P + T) + head.numel() * B * T)
-            print(f"  matmuls of one compiled update: {flops / 1e9:.1f} GFLOP in {mm_s * 1e3:.0f} ms of aten::mm = "
+            flops = update_flops(model, B, P, T)
+            print(f"  matmuls of one compiled update: {flops / 1e9:.1f} GFLOP in {mm_s * 1e3:.0f} ms of mm/addmm = "
                   f"{flops / mm_s / 1e9:.0f} GFLOP/s")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from statistics import median
 
 import torch
+from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -84,6 +85,21 @@ def stored_dtypes(trained, reference, optimizer) -> dict[str, list[str]]:
     state = [v for s in optimizer.state.values() for k, v in s.items() if torch.is_tensor(v) and k != "step"]
     return {"weights": names(trained.parameters()), "reference_weights": names(reference.parameters()),
             "optimizer_state": names(state)}
+
+
+def param_counts(model) -> tuple[int, int]:
+    """(N_body, N_head): embeddings (token and position) and the LM head excluded from the body."""
+    head = model.get_output_embeddings().weight
+    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    body = sum(p.numel() for p in model.parameters() if id(p) not in embeddings and p is not head)
+    return body, head.numel()
+
+
+def update_flops(model, B: int, P: int, T: int) -> int:
+    """Model FLOPs of one forward + backward over B rows of P prompt and T response tokens (6 x params x tokens;
+    only the response positions are projected onto the vocabulary, as tether does)."""
+    body, head = param_counts(model)
+    return 6 * (body * B * (P + T) + head * B * T)
 
 
 def folder(workload: str) -> Path:

@@ -13,7 +13,7 @@ from tether.trainers.setup import check_compile
 
 def _has_cpp_compiler() -> bool:
     try:
-        check_compile(torch.device("cpu"), "none")
+        check_compile(torch.device("cpu"))
     except RuntimeError:
         return False
     return True

@@ -87,7 +87,7 @@ class RLTrainer(Optimise):
             ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
         self.autocast_dtype = autocast_dtype(c.precision, self.device)
         if c.compile:
-            check_compile(self.device, self.ranks.sharding)
+            check_compile(self.device, self.ranks.sharding if self.ranks.sharded else "")
         if c.keep_freed_memory and self.device.type == "cpu":
             keep_freed_memory()
         seed_everything(c.seed)

@@ -46,12 +46,12 @@ def keep_freed_memory() -> bool:
     return libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
 
 
-def check_compile(device: torch.device, sharding: str) -> None:
+def check_compile(device: torch.device, sharded_by: str = "") -> None:
     """What compile=true needs, checked before any model is loaded: whole parameters on every process (one
-    process, DDP or DeepSpeed ZeRO-2), and on the CPU a C++ compiler for torch.compile's inductor backend (it
-    generates and builds C++ kernels at the first step)."""
-    if sharding in ("deepspeed-zero3", "fsdp2"):  # Ranks.sharding
-        raise ValueError(f"compile=true with sharded parameters ({sharding}) is not supported yet: their gathering "
+    process, DDP or DeepSpeed ZeRO-2; `sharded_by` names the sharding otherwise), and on the CPU a C++ compiler
+    for torch.compile's inductor backend (it generates and builds C++ kernels at the first step)."""
+    if sharded_by:
+        raise ValueError(f"compile=true with sharded parameters ({sharded_by}) is not supported yet: their gathering "
                          f"hooks make the compiler recompile until it gives up; use DDP or ZeRO-2, or set "
                          f"compile=false")
     if device.type == "cpu":
