@@ -69,7 +69,7 @@ def test_algorithm_defaults_fill_only_unset_keys():
 @pytest.mark.parametrize("keys, message", [
     ({"algorithm": "grpo", "num_generations": 1}, "num_generations must be >= 2"),
     ({"algorithm": "rloo", "batch_size": 6}, "num_generations=4 does not divide batch_size=6"),
-    ({"algorithm": "grpo", "kl_estimator": "full"}, "kl_in_loss with kl_estimator=full"),
+    ({"algorithm": "grpo", "kl_estimator": "full"}, "kl_estimator=full is refused"),
     ({"algorithm": "grpo", "critic": "policy"}, "only ppo uses a critic"),
     ({"algorithm": "a2c"}, "algorithm='a2c' is not one of"),
 ])

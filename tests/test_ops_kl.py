@@ -197,13 +197,13 @@ def test_k3_abs_mse_nonnegative(pairs):
 
 
 def test_get_estimator_maps_names_to_functions():
-    expected = {"kl": kl_k1, "k1": kl_k1, "abs": kl_abs, "mse": kl_mse, "k2": kl_mse, "k3": kl_k3, "full": kl_full}
+    # the exact KL (kl_full) is what tether reports, not an estimator to choose: refused as a reward
+    expected = {"kl": kl_k1, "k1": kl_k1, "abs": kl_abs, "mse": kl_mse, "k2": kl_mse, "k3": kl_k3}
     assert set(ESTIMATORS) == set(expected)
     for name, fn in expected.items():
         est = get_estimator(name)
         assert est.name == name
         assert est.fn is fn
-        assert est.needs_logits == (name == "full")
 
 
 def test_get_estimator_unknown_name():

@@ -3,16 +3,18 @@
 Every value is checked once, at construction; a config is never changed after that.
 """
 
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 import torch
 from transformers import SchedulerType
 
-from tether.ops.kl import ESTIMATORS
+from tether.ops.kl import BIASED_IN_REWARD, ESTIMATORS, FULL_REFUSED
 
 _SCHEDULERS = {t.value for t in SchedulerType}
 
+# `full` parses so that the config can say why it is refused (ops.kl.FULL_REFUSED).
 KLEstimatorName = Literal["kl", "k1", "abs", "mse", "k2", "k3", "full"]
 Algorithm = Literal["ppo", "grpo", "rloo", "reinforce++"]
 
@@ -102,8 +104,10 @@ class PPOConfig:
     """Where the KL tether acts: false puts -beta * KL in the reward (ppo, rloo, reinforce++ default), true
     adds beta * KL to the loss at every update (grpo default)."""
     kl_estimator: KLEstimatorName | None = None
-    """Per-token KL estimator: kl (k1), abs, mse (k2), k3, or full (exact, over the vocabulary; reward only).
-    Default: kl in the reward, k3 in the loss."""
+    """Per-token KL estimator on the sampled tokens: kl (k1), abs, mse (k2) or k3. Default: kl in the reward
+    (the only one whose policy gradient there is the KL's; the others warn), k3 in the loss. The exact KL over
+    the vocabulary is always reported (objective/kl) and steered by adaptive_kl; as a reward (`full`) it
+    gives the sampled token no gradient and is refused."""
     init_kl_coef: float = 0.05
     """beta in R = r - beta * KL (the starting value when adaptive_kl)."""
     adaptive_kl: bool = False
@@ -151,7 +155,8 @@ class PPOConfig:
     lora_target_modules: list[str] | None = None
     """Module names to adapt (default: every linear layer except the output head)."""
     gradient_checkpointing: bool = False
-    """Recompute each transformer layer in the backward pass instead of storing its activations."""
+    """Recompute each transformer layer in the backward pass instead of storing its activations. The models stay
+    in eval mode (dropout off), so what they compute, and the gradients, are the same as without it."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Forward passes in fp32, or under bf16 autocast (trained weights, optimiser and log-prob math stay fp32;
     the frozen reference keeps its linear layers in bf16, which autocast casts them to anyway).
@@ -198,6 +203,10 @@ class PPOConfig:
         errors = list(_errors(self))
         if errors:
             raise ValueError("invalid PPOConfig:\n  - " + "\n  - ".join(errors))
+        if not self.kl_in_loss and self.kl_estimator in BIASED_IN_REWARD and self.init_kl_coef > 0:
+            warnings.warn(f"kl_estimator={self.kl_estimator} in the reward: its value estimates the KL, but as a "
+                          f"reward its policy gradient is not the KL's (biased, at times of the wrong sign); kl "
+                          f"(k1) is the estimator that is gradient-correct there (docs/kl.md)", stacklevel=3)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -236,7 +245,9 @@ def _errors(c: PPOConfig):
         problems.append(f"repetition_penalty={c.repetition_penalty!r} must be > 0")
     if c.score_clip is not None and not c.score_clip > 0:
         problems.append(f"score_clip={c.score_clip!r} must be > 0 (or unset)")
-    if c.kl_estimator not in ESTIMATORS:
+    if c.kl_estimator == "full":
+        problems.append(FULL_REFUSED)
+    elif c.kl_estimator not in ESTIMATORS:
         problems.append(f"kl_estimator={c.kl_estimator!r} is not one of {sorted(ESTIMATORS)}")
     problems.extend(_algorithm_errors(c))
     if c.batch_size > 0 and c.minibatch_size > 0 and c.batch_size % c.minibatch_size:
@@ -269,9 +280,6 @@ def _algorithm_errors(c: PPOConfig) -> list[str]:
     if c.algorithm in ("grpo", "rloo") and c.num_generations < 2:
         problems.append(f"{c.algorithm} compares completions of the same prompt: num_generations must be >= 2, "
                         f"got {c.num_generations}")
-    if c.kl_in_loss and c.kl_estimator == "full":
-        problems.append("kl_in_loss with kl_estimator=full would need the reference's logits at every update; "
-                        "use k3 (the default there), kl or mse")
     if c.critic != "shared" and c.algorithm != "ppo":
         problems.append(f"critic={c.critic!r}: only ppo uses a critic; {c.algorithm} is critic-free")
     if c.kl_in_loss and c.kl_estimator in ("kl", "k1"):

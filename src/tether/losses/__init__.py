@@ -1,3 +1,3 @@
-from tether.losses.ppo import policy_loss, value_loss
+from tether.losses.ppo import kl_penalty, policy_loss, value_loss
 
-__all__ = ["policy_loss", "value_loss"]
+__all__ = ["kl_penalty", "policy_loss", "value_loss"]

@@ -5,6 +5,8 @@ Both are token-level means over the mask and return (loss, stats) with detached 
 (tokens in the whole minibatch) so that accumulated micro-batches equal one big minibatch.
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -33,9 +35,30 @@ def policy_loss(
             "policykl": masked_mean(-finite_log_ratio, mask),
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
             "ratio_mean": masked_mean(ratio, mask),
+            # sampled tokens the updated policy's top-k / top-p no longer keeps (ratio 0)
+            "left_support_frac": masked_mean(torch.isneginf(logprobs).float(), mask),
             "loss": loss.detach(),
         }
     return loss * scale, stats
+
+
+def kl_penalty(
+    logprobs: Tensor,  # (B, T) log pi_theta,T(a_t | s_t): temperature only, untruncated, with grad
+    ref_logprobs: Tensor,  # (B, T) log ref_T(a_t | s_t), the same processing
+    mask: Tensor,  # (B, T)
+    estimator: Callable[[Tensor, Tensor], Tensor],  # a per-token estimator of tether.ops.kl
+    scale: float = 1.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The KL term of the loss (kl_in_loss): token mean of estimator(logprobs, ref_logprobs).
+
+    It compares the policy and the reference at the sampling temperature, both untruncated, not the
+    top-k / top-p sampling distribution: a sampled token can leave the updated policy's truncated support
+    (log-prob -inf), where k3 is nan and k2 / abs are inf, whereas both untruncated distributions give every
+    token mass, so every estimator is finite by construction. It is also the divergence the loss can steer
+    smoothly: the truncated support moves in jumps. (TRL's GRPOTrainer and veRL likewise take the KL term
+    from temperature-scaled, untruncated log-probs.)"""
+    kl = masked_mean(estimator(logprobs, ref_logprobs), mask)
+    return kl * scale, {"loss": kl.detach()}
 
 
 def value_loss(

@@ -5,10 +5,16 @@ With a ~ pi, r = log pi(a) - log ref(a):  (Schulman, "Approximating KL divergenc
   abs      = |r|                   biased, >= 0
   mse (k2) = r^2 / 2               biased, >= 0, low variance
   k3       = exp(-r) - 1 + r       >= 0; unbiased only when pi and ref share support
-  full     = sum_v pi(v) (log pi(v) - log ref(v))   exact per-token KL, >= 0
+  kl_full  = sum_v pi(v) (log pi(v) - log ref(v))   exact per-token KL, >= 0 (objective/kl, the controller)
 
 k3 under truncated sampling: E_pi[k3] = KL - (1 - ref(S)), with S the tokens pi can sample, so with
-top-k / top-p it underestimates by the reference's mass outside S. k1 and full have no such bias.
+top-k / top-p it underestimates by the reference's mass outside S. k1 and kl_full have no such bias.
+
+Which estimator is gradient-correct where (docs/kl.md): in the reward, where the policy gradient sees only the
+value at the sampled token, only k1 gives E[grad log pi(a) * k(a)] = grad KL. The exact KL does not depend on
+the sampled token, so as a reward it gives that token no gradient at all: it is not an estimator choice, only
+what tether reports and steers. In the loss, k1's expected gradient is zero; k2 gives grad KL(pi || ref) and k3
+grad KL(ref || pi).
 """
 
 from collections.abc import Callable
@@ -55,12 +61,10 @@ def kl_full(logits: Tensor, ref_logits: Tensor) -> Tensor:
 
 
 class KLEstimator(NamedTuple):
-    """A KL estimator chosen once at set-up. needs_logits: takes (logits, ref_logits) (B, T, V)
-    instead of the sampled tokens' (logprobs, ref_logprobs) (B, T)."""
+    """A KL estimator chosen once at set-up: (logprobs, ref_logprobs) of the sampled tokens (B, T) -> (B, T)."""
 
     name: str
     fn: Callable[[Tensor, Tensor], Tensor]
-    needs_logits: bool = False
 
 
 ESTIMATORS: dict[str, KLEstimator] = {
@@ -70,8 +74,16 @@ ESTIMATORS: dict[str, KLEstimator] = {
     "mse": KLEstimator("mse", kl_mse),
     "k2": KLEstimator("k2", kl_mse),
     "k3": KLEstimator("k3", kl_k3),
-    "full": KLEstimator("full", kl_full, needs_logits=True),
 }
+
+# `kl_estimator: full` used to put the exact KL in the reward; the config refuses it with this reason.
+FULL_REFUSED = ("kl_estimator=full is refused: the exact per-token KL does not depend on the sampled token, so as "
+                "a reward its policy gradient at that token is zero (only later tokens feel it, and the last token "
+                "of every completion gets no KL pull at all). Use kl (k1, the default in the reward; its "
+                "gradient is the KL's gradient). The exact KL is always what objective/kl reports and what the "
+                "adaptive controller steers, whatever the estimator")
+# Estimators whose value is a fine KL estimate but whose policy gradient as a reward is not the KL's.
+BIASED_IN_REWARD = ("abs", "mse", "k2", "k3")
 
 
 def get_estimator(name: str) -> KLEstimator:

@@ -59,8 +59,10 @@ def generation_kwargs_errors(kwargs: dict) -> list[str]:
 class Sampler:
     """Turns raw next-token logits into the scores that are sampled from.
 
-    Order (as in transformers' generate): EOS suppression for min_new_tokens, repetition penalty,
-    contextual processors, then temperature, top-k, top-p and other row-wise warpers.
+    Order: EOS suppression for min_new_tokens, repetition penalty, contextual processors (n-gram blocking
+    first), then temperature, top-k, top-p and other row-wise warpers. transformers' generate bans EOS after
+    its penalties, which gives the same scores (-inf stays -inf under each), but runs custom processors
+    before its temperature and truncation; here a custom row-wise warper sees tempered, truncated scores.
     """
 
     def __init__(
@@ -103,6 +105,11 @@ class Sampler:
         self._temperature_only = all(type(p) is lp.TemperatureLogitsWarper for p in self.rowwise)
 
     @property
+    def only_temperature(self) -> bool:
+        """The sampling scores are `reference_scores(logits)`: no processing beyond the temperature."""
+        return self._temperature_only and not self.needs_context
+
+    @property
     def needs_context(self) -> bool:
         return self.min_new_tokens > 0 or self.repetition_penalty != 1.0 or bool(self.contextual)
 
@@ -126,7 +133,8 @@ class Sampler:
         return self._rowwise(x.reshape(B * T, V)).reshape(B, T, V)
 
     def reference_scores(self, logits: Tensor) -> Tensor:
-        """The reference at the sampling temperature, untruncated (see the module docstring)."""
+        """The reference at the sampling temperature, untruncated (see the module docstring). The policy's
+        logits through this give the distribution the KL term of the loss compares with the reference."""
         return logits.float() / self.temperature
 
     def _contextual(self, x: Tensor, ids: Tensor, mask: Tensor, t: int) -> Tensor:

@@ -357,7 +357,8 @@ class RLTrainer(Optimise):
             flipped = ~torch.isfinite(stats.logprobs) & mask[idx].bool()
             self.support_flips += int(flipped.sum())
             logprobs = self._sampled_logprobs(logits, stats.logprobs, r_ids[idx], flipped)
-            kl = stats.kl if self.estimator.needs_logits else self.estimator.fn(logprobs, stats.ref_logprobs)
+            kl = self.estimator.fn(self._kl_logprobs(logits, logprobs, r_ids[idx]) if self.config.kl_in_loss
+                                   else logprobs, stats.ref_logprobs)
             parts.append((logprobs, stats.ref_logprobs, values, kl, stats.kl, stats.entropy, flipped))
         # where, not multiply: after-EOS padding can score -inf under top-k replay, and -inf * 0 is nan
         *tensors, flipped = (torch.cat(p) if p[0] is not None else None for p in zip(*parts))
@@ -373,6 +374,14 @@ class RLTrainer(Optimise):
         if flipped.any():
             logprobs = torch.where(flipped, gather_logprobs(self.sampler.reference_scores(logits), r_ids), logprobs)
         return logprobs
+
+    def _kl_logprobs(self, logits: Tensor, logprobs: Tensor, r_ids: Tensor) -> Tensor:
+        """log pi_T(a_t | s_t), the policy at the sampling temperature, untruncated: what the KL term of the loss
+        compares with the reference (`losses.ppo.kl_penalty` says why). `logprobs` (the sampling-processed
+        log-probs) already are that when the sampler does nothing beyond the temperature."""
+        if self.sampler.only_temperature:
+            return logprobs
+        return gather_logprobs(self.sampler.reference_scores(logits), r_ids)
 
     def _replay(self, logits: Tensor, q_ids: Tensor, q_mask: Tensor, r_ids: Tensor) -> Tensor:
         """Teacher-forced logits (B, T, V) -> the scores the sampler drew from (B, T, V)."""

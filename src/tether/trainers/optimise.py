@@ -8,14 +8,14 @@ import torch
 from torch import Tensor
 
 from tether.distributed import rank_minibatches
-from tether.losses.ppo import policy_loss, value_loss
-from tether.ops import gather_logprobs, masked_mean
+from tether.losses.ppo import kl_penalty, policy_loss, value_loss
+from tether.ops import gather_logprobs
 from tether.trainers.rollouts import Scored
 
 
 class Optimise:
     """Needs the trainer's config, ranks, device, local sizes, shuffle_generator, scheduler, clip_groups,
-    estimator and its `_logits_and_values`, `_replay` and `_sampled_logprobs`."""
+    estimator and its `_logits_and_values`, `_replay`, `_sampled_logprobs` and `_kl_logprobs`."""
 
     def _optimise(self, b: Scored, advantages: Tensor, returns: Tensor | None, beta: float) -> dict[str, float]:
         """6. ppo_epochs passes of shuffled minibatches. An update whose loss or gradient is not finite, or
@@ -98,7 +98,7 @@ class Optimise:
             vf, parts["ppo/val/"] = value_loss(vpred, b.values[j], returns[j], b.mask[j], c.cliprange_value, scale)
             loss = loss + c.vf_coef * vf
         if c.kl_in_loss:
-            kl = masked_mean(self.estimator.fn(new_logprobs, b.ref_logprobs[j]), b.mask[j])
-            loss = loss + beta * scale * kl
-            parts["ppo/kl_loss/"] = {"loss": kl.detach()}
+            kl, parts["ppo/kl_loss/"] = kl_penalty(self._kl_logprobs(logits, new_logprobs, b.response_ids[j]),
+                                                   b.ref_logprobs[j], b.mask[j], self.estimator.fn, scale)
+            loss = loss + beta * kl
         return loss, parts

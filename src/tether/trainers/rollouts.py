@@ -23,7 +23,8 @@ class Scored:
     logprobs: Tensor  # (B, T) log pi_old(a_t | s_t), sampling-processed
     ref_logprobs: Tensor  # (B, T) log ref(a_t | s_t) at the sampling temperature
     values: Tensor | None  # (B, T) V_old(s_t); None for critic-free algorithms
-    kl: Tensor  # (B, T) per-token KL estimate (the configured estimator; enters the reward)
+    kl: Tensor  # (B, T) per-token KL estimate (the configured estimator; with kl_in_loss on the untruncated
+    #             log pi_T the loss's KL term uses, else on `logprobs`: it enters the reward)
     kl_exact: Tensor  # (B, T) exact KL(pi(.|s_t) || ref(.|s_t)) over the vocabulary, >= 0
     entropy: Tensor  # (B, T) entropy of the processed sampling distribution
     flipped: Tensor  # (B, T) bool: sampled at a top-k/top-p boundary, outside the replayed support by round-off
