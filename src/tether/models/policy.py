@@ -2,13 +2,15 @@
 a separate critic = a transformer body + a value head."""
 
 import copy
+import functools
 import logging
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Cache, PreTrainedModel
 
 from tether.rollout.generate import Rollout, forward_params, positions, sample
 
@@ -232,23 +234,41 @@ def _is_causal(body: PreTrainedModel) -> bool:
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
-    """Recompute each transformer layer in backward instead of keeping its activations.
+    """Recompute each transformer layer in backward instead of keeping its activations, with every module left
+    in eval mode.
 
-    transformers checkpoints a layer only while that layer is in training mode, but tether keeps models in
-    eval mode (dropout would make the PPO ratio noisy). So only the layer modules themselves are flagged as
-    training; their dropout and attention submodules stay in eval mode."""
+    transformers checkpoints a `GradientCheckpointingLayer` only while it is in training mode, and putting a
+    layer in training mode switches on the dropout that many layers apply on their own `self.training` (OPT,
+    Falcon, BioGPT, XGLM, DBRX, ...: `nn.functional.dropout(..., training=self.training)`). tether keeps
+    every model in eval mode (dropout would make the PPO ratios noisy), so it does not use transformers'
+    switch: each outermost such layer gets an instance-level `forward` that runs the layer's own forward
+    under `torch.utils.checkpoint` (non-reentrant) whenever gradients are on. The layer computes exactly what
+    it computes without checkpointing (same values, same gradients); only its activations are dropped and
+    recomputed in backward. The wrapper is a `functools.partial` of the layer, so `copy.deepcopy` (the
+    reference, a critic copied from the policy) gives a copy that checkpoints its own layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
-    if hasattr(model, "activation_checkpointing_enable"):  # the newer name; earlier 5.x releases lack it
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no checkpointable layers")
-    for layer in layers:
-        layer.training = True
+    outermost: list[str] = []  # a layer inside a checkpointed layer is recomputed with it already
+    for name, module in model.named_modules():
+        if isinstance(module, GradientCheckpointingLayer) and not any(name.startswith(f"{o}.") for o in outermost):
+            outermost.append(name)
+            inner = module.__dict__.get("forward")  # a forward already set on the instance (accelerate's hooks)
+            if not (isinstance(inner, functools.partial) and inner.func is _checkpointed_forward):
+                module.forward = functools.partial(_checkpointed_forward, module, inner)
+    if not outermost:
+        raise ValueError(f"{type(model).__name__} has no checkpointable layers (no GradientCheckpointingLayer), "
+                         f"so gradient checkpointing cannot be enabled for it; set gradient_checkpointing=false")
 
+
+def _checkpointed_forward(layer: nn.Module, inner, *args, **kwargs):
+    """`layer`'s forward (`inner`, or its class's), checkpointed when gradients are on and no KV cache is passed
+    (the recompute would write the cache a second time): under no_grad there is no backward to replay it."""
+    forward = inner if inner is not None else type(layer).forward.__get__(layer)
+    if not torch.is_grad_enabled() or any(isinstance(a, Cache) for a in (*args, *kwargs.values())):
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 @torch.no_grad()
