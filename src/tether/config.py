@@ -42,7 +42,8 @@ class PPOConfig:
     prompt_column: str = "prompt"
     """Column holding the prompt text in the prompt file or Dataset."""
     reward: str | None = None
-    """Reward: `package.module:function` taking (prompts, completions) -> list of floats, or a folder with a
+    """Reward: `package.module:function` taking (prompts, completions) -> list of floats (and, by keyword if
+    it names them or takes **kwargs, `ended` and `completion_tokens` per completion), or a folder with a
     sequence-classification reward model (the Python API also takes a callable)."""
     output_dir: str = "runs/ppo"
     """Run folder: metrics.jsonl, samples, resolved config, final policy."""
@@ -122,6 +123,10 @@ class PPOConfig:
     """Multiply every score by this before use."""
     score_norm: bool = False
     """Divide scores by their running std (and remove the running mean) across steps."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of every completion that did not end with EOS (cut at max_new_tokens), in the
+    reward's units, before score_scale / score_norm / score_clip; 0 = off. As TRL's missing_eos_penalty and
+    the N+ implementation details' penalty for unfinished completions."""
     score_clip: float | None = None
     """Clip (processed) scores to [-score_clip, score_clip]."""
     whiten_rewards: bool = False
@@ -236,7 +241,8 @@ def _errors(c: PPOConfig):
                  "lora_alpha"):
         positive(name)
     for name in ("min_new_tokens", "top_k", "no_repeat_ngram_size", "init_kl_coef", "vf_coef", "weight_decay",
-                 "max_grad_norm", "warmup_steps", "samples_every", "score_scale", "checkpoint_every", "lora_r"):
+                 "max_grad_norm", "warmup_steps", "samples_every", "score_scale", "checkpoint_every", "lora_r",
+                 "missing_eos_penalty"):
         non_negative(name)
     in_unit("top_p", low_open=True)
     in_unit("gamma", low_open=False)

@@ -1,6 +1,11 @@
-"""Reward adapters: everything becomes `(prompts, completions) -> list[float]`, checked on return."""
+"""Reward adapters: everything becomes `(prompts, completions, **info) -> list[float]`, checked on return.
+
+`info` is what tether knows about each completion (COMPLETION_INFO); a reward receives the keys its signature
+names (all of them with `**kwargs`), read once at set-up by `accepted_keywords`, so plain
+`(prompts, completions)` callables keep working."""
 
 import importlib
+import inspect
 import numbers
 import os
 import sys
@@ -11,7 +16,13 @@ import torch
 
 from tether.models.policy import context_length
 
-RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+RewardFn = Callable[..., Sequence[float]]  # (prompts, completions, **info) -> one number per completion
+
+# What a reward may ask for about each completion, by keyword (lists in completion order).
+COMPLETION_INFO = {
+    "ended": "bool: the completion ended with EOS (False: it was cut at max_new_tokens)",
+    "completion_tokens": "int: its sampled tokens, the EOS included",
+}
 
 
 class RewardError(RuntimeError):
@@ -47,13 +58,27 @@ def resolve_reward(reward, device: torch.device | str = "cpu", batch_size: int =
     return fn
 
 
-def score_batch(reward: RewardFn, prompts: list[str], completions: list[str]) -> torch.Tensor:
-    """Call the reward and check what comes back: one number per completion. nan/inf are passed on: the
-    trainer skips that step's update and stops after max_faults_in_row such steps in a row."""
+def accepted_keywords(reward: RewardFn, available=tuple(COMPLETION_INFO)) -> tuple[str, ...]:
+    """The keywords of `available` that `reward` takes: those its signature names, or all with **kwargs."""
     try:
-        scores = reward(prompts, completions)
+        params = inspect.signature(reward).parameters
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: the plain two arguments
+        return ()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return tuple(available)
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(k for k in available if k in params and params[k].kind in named)
+
+
+def score_batch(reward: RewardFn, prompts: list[str], completions: list[str], info: dict | None = None) -> torch.Tensor:
+    """Call the reward and check what comes back: one number per completion. info: keyword arguments, one list
+    entry per completion (only those the reward accepts; see accepted_keywords). nan/inf are passed on: the
+    trainer skips that step's update and stops after max_faults_in_row such steps in a row."""
+    info = info or {}
+    try:
+        scores = reward(prompts, completions, **info)
     except Exception as err:
-        i = _first_failing(reward, prompts, completions)
+        i = _first_failing(reward, prompts, completions, info)
         where = (f"on completion {i}. Prompt: {prompts[i]!r} Completion: {completions[i]!r}" if i is not None
                  else f"on the batch of {len(prompts)} (each completion alone scores fine)")
         raise RewardError(f"the reward function raised {type(err).__name__}: {err} {where}") from err
@@ -72,11 +97,11 @@ def score_batch(reward: RewardFn, prompts: list[str], completions: list[str]) ->
     return torch.tensor([float(s) for s in scores])
 
 
-def _first_failing(reward: RewardFn, prompts: list[str], completions: list[str]) -> int | None:
+def _first_failing(reward: RewardFn, prompts: list[str], completions: list[str], info: dict) -> int | None:
     """After a batch failed: call the reward one pair at a time to name the pair that breaks it."""
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
         try:
-            reward([prompt], [completion])
+            reward([prompt], [completion], **{k: v[i:i + 1] for k, v in info.items()})
         except Exception:
             return i
     return None

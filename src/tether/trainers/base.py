@@ -29,7 +29,7 @@ from tether.models.policy import (
     response_forward,
     state_dict_part,
 )
-from tether.models.rewards import score_batch
+from tether.models.rewards import accepted_keywords, score_batch
 from tether.ops import gather_logprobs, get_estimator, masked_mean, masked_whiten
 from tether.ops.kl_control import AdaptiveKLController, FixedKLController
 from tether.ops.logprobs import token_stats
@@ -49,6 +49,7 @@ from tether.trainers.setup import (
     check_compile,
     check_token_rows,
     eos_ids,
+    ended,
     eos_rate,
     keep_freed_memory,
     load_tokenizer,
@@ -98,6 +99,7 @@ class RLTrainer(Optimise):
                          ref_model, reward, self.local_batch)
         self.policy, self.critic, self.ref, self.peft, self.reward = m.policy, m.critic, m.ref, m.peft, m.reward
         self.vocab_size = m.vocab_size
+        self.reward_keywords = accepted_keywords(self.reward) if self.reward is not None else ()
         self.trainable = Trained(self.policy, self.critic)  # everything trained, as one module: checkpoints hold this
         self.eos_token_ids = eos_ids(self.tokenizer, self.policy.model)
         self.sampler = Sampler(self.eos_token_ids, c.temperature, c.top_k, c.top_p, c.min_new_tokens,
@@ -172,11 +174,13 @@ class RLTrainer(Optimise):
                              f"batch_size={c.batch_size}{self._per_process}")
         if self.ranks.any(not torch.isfinite(raw_scores).all()):  # skipped on every process together
             return self._skip_step(raw_scores)
+        # TRL's missing_eos_penalty: a completion cut at max_new_tokens scores less than the reward said
+        scores = raw_scores - c.missing_eos_penalty * (~ended(responses, self.eos_token_ids)).float()
         batch = self._forward_rollouts(queries, responses)  # 3
         t_score = time.perf_counter()
         beta = self.kl_ctl.value
         advantages, returns, non_score = self.advantages(  # 4-5
-            batch, self._process_scores(raw_scores).to(self.device), 0.0 if c.kl_in_loss else beta)
+            batch, self._process_scores(scores).to(self.device), 0.0 if c.kl_in_loss else beta)
         if c.whiten_advantages:  # over the global batch: every process's tokens
             advantages = masked_whiten(advantages, batch.mask, all_reduce=self.ranks.all_reduce)
         t_optimise = time.perf_counter()
@@ -187,8 +191,9 @@ class RLTrainer(Optimise):
         kl_per_seq = batch.kl_exact.sum(-1)
         self._last_kl_per_seq = kl_per_seq.tolist()
         g = self.ranks  # per-row values of every process, then token means over every process's tokens
-        scores_all, kl_all, estimate_all, non_score_all, length_all = g.gather(torch.stack(
-            [raw_scores.to(self.device), kl_per_seq, batch.kl.sum(-1), non_score.sum(-1), batch.mask.sum(-1)], 1)).T
+        raw_all, scores_all, kl_all, estimate_all, non_score_all, length_all = g.gather(torch.stack(
+            [raw_scores.to(self.device), scores.to(self.device), kl_per_seq, batch.kl.sum(-1), non_score.sum(-1),
+             batch.mask.sum(-1)], 1)).T
         self.kl_ctl.update(kl_all.mean().item(), c.batch_size)  # 7
         self.step_count += 1
 
@@ -199,13 +204,13 @@ class RLTrainer(Optimise):
             return g.all_reduce(torch.tensor([x], dtype=torch.float64, device=self.device)).item()
 
         stats = {
-            "env/reward_mean": scores_all.mean().item(),
-            "env/reward_std": scores_all.std().item() if len(scores_all) > 1 else 0.0,
+            "env/reward_mean": raw_all.mean().item(),  # what the reward said
+            "env/reward_std": raw_all.std().item() if len(raw_all) > 1 else 0.0,
             "objective/kl": kl_all.mean().item(),
             "objective/kl_estimate": estimate_all.mean().item(),
             "objective/kl_coef": beta,
             "objective/entropy": token_mean(batch.entropy),
-            "objective/scores": scores_all.mean().item(),
+            "objective/scores": scores_all.mean().item(),  # after missing_eos_penalty
             "objective/non_score_reward": non_score_all.mean().item(),
             "ppo/advantages/mean": token_mean(advantages),
             **({"ppo/returns/mean": token_mean(returns),  # how well the rollout-time values predicted the returns
@@ -273,7 +278,9 @@ class RLTrainer(Optimise):
                 prompts = [self.prompts[i] for i in indices]
                 gen = self.generate([self.encoded_prompts[i] for i in indices])  # 1
                 t_gen = time.perf_counter() - t0
-                scores = score_batch(self.reward, prompts, gen.texts)  # 2
+                info = {"ended": ended(gen.responses, self.eos_token_ids).tolist(),
+                        "completion_tokens": [len(r) for r in gen.responses]}
+                scores = score_batch(self.reward, prompts, gen.texts, {k: info[k] for k in self.reward_keywords})  # 2
                 stats = self.step(gen.queries, gen.responses, scores)  # 3-7
                 rows = g.gather_lists(list(zip(prompts, gen.texts, map(float, scores), self._last_kl_per_seq,
                                                map(len, gen.responses))))  # every process's rollouts, once

@@ -96,6 +96,12 @@ def eos_ids(tokenizer, model) -> list[int]:
     return sorted(ids)
 
 
+def ended(responses: list[Tensor], eos_token_ids: list[int]) -> Tensor:
+    """(B,) bool: the response holds an EOS (it stopped; the rest were cut at max_new_tokens)."""
+    eos = torch.tensor(eos_token_ids)
+    return torch.tensor([bool(torch.isin(r.cpu(), eos).any()) for r in responses], dtype=torch.bool)
+
+
 def eos_rate(response_ids: Tensor, mask: Tensor, eos_token_ids: list[int]) -> float:
     """Share of completions whose last counted token is an EOS (the rest hit max_new_tokens)."""
     last = response_ids.gather(1, (mask.sum(-1).long().clamp(min=1) - 1)[:, None]).squeeze(1)
