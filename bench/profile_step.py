@@ -26,11 +26,11 @@ CALLS: dict[str, int] = defaultdict(int)
 # loaded tether.trainers module that imported them by name. Inclusive times: nested entries are parts of their parents.
 METHODS = [
     ("generate", "1 generate"),
-    ("_forward_rollouts", "3 scoring forward (no grad)"),
-    ("_optimise", "6 PPO epochs"),
-    ("_replay", "   replay (sequence_scores)"),
+    ("score", "3 scoring forward (no grad)"),
 ]
 FUNCTIONS = [
+    ("optimise", "6 PPO epochs"),
+    ("policy_logprobs", "   replay + log-probs (policy_logprobs)"),
     ("gather_logprobs", "   gather_logprobs"),
     ("kl_full", "   kl_full"),
     ("entropy_from_logits", "   entropy_from_logits"),
@@ -67,7 +67,7 @@ def timed(label: str, fn):
 def install() -> None:
     import sys
 
-    from tether.trainers.ppo import PPOTrainer
+    from tether.trainers import PPOTrainer
 
     for name, label in METHODS:
         if hasattr(PPOTrainer, name):

@@ -35,7 +35,7 @@ from workloads import (
 def workload_trainer(w, steps: int, run_name: str, precision: str = "fp32", compile_: bool = False):
     """tether's PPOTrainer for workload `w` (its prepared model and prompt ids) -> (trainer, prompt ids, meta)."""
     from tether import PPOConfig
-    from tether.trainers.ppo import PPOTrainer
+    from tether.trainers import PPOTrainer
 
     path, prompt_ids, meta = load_inputs(w.name, "tether")
     config = PPOConfig(model=str(path), output_dir=str(path.parent / run_name), seed=w.seed,

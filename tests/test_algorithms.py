@@ -148,8 +148,8 @@ def test_rloo_step_uses_leave_one_out_advantages(tmp_path):
                     max_new_tokens=5, init_kl_coef=0.0, output_dir=str(tmp_path))
     trainer = RLOOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok)
     gen = trainer.generate(["the movie was"] * 2 + ["i really"] * 2)
-    batch = trainer._forward_rollouts(gen.queries, gen.responses)
-    advantages, returns, _ = trainer.advantages(batch, torch.tensor([1.0, 3.0, 0.0, -2.0]), 0.0)
+    batch = trainer.score(gen.queries, gen.responses)
+    advantages, returns, _ = trainer.method.advantages(batch, torch.tensor([1.0, 3.0, 0.0, -2.0]), 0.0, cfg, None)
     assert returns is None
     expected = torch.tensor([-2.0, 2.0, 2.0, -2.0])[:, None] * batch.mask
     assert_close64(advantages, expected)

@@ -7,7 +7,7 @@ from conftest import make_model, make_tokenizer
 from transformers.generation import logits_process as lp
 
 from tether import PPOConfig
-from tether.trainers.ppo import PPOTrainer
+from tether.trainers import PPOTrainer
 
 PROMPTS = ["the movie was", "i really", "a story", "we"]
 
@@ -207,7 +207,7 @@ def test_nan_or_inf_reward_skips_updates_then_halts(tmp_path, reward, message):
 
 
 def test_reward_exception_names_the_offending_pair():
-    from tether.models.rewards import RewardError, score_batch
+    from tether.rewards import RewardError, score_batch
 
     with pytest.raises(RewardError, match=r"ZeroDivisionError.*on completion 1\. Prompt: 'b' Completion: 'x y z'"):
         score_batch(rewards.fails_on_long, ["a", "b", "c"], ["x", "x y z", "y"])

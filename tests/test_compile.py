@@ -36,11 +36,11 @@ def test_compiled_forward_trains_like_the_eager_one(tmp_path):
     stats_e = eager.step(gen_e.queries, gen_e.responses, scores)
 
     compiled = _trainer(tmp_path, True)
-    assert isinstance(compiled.trainable_forward, torch._dynamo.eval_frame.OptimizedModule)
-    assert not isinstance(eager.trainable_forward, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(compiled.learner.trained_module, torch._dynamo.eval_frame.OptimizedModule)
+    assert not isinstance(eager.learner.trained_module, torch._dynamo.eval_frame.OptimizedModule)
     gen_c = compiled.generate(PROMPTS[:4])
     before = graphs["unique_graphs"]
-    compiled._forward_rollouts(gen_c.queries, gen_c.responses)  # the scoring pass (no grad) compiles a graph
+    compiled.score(gen_c.queries, gen_c.responses)  # the scoring pass (no grad) compiles a graph
     after_scoring = graphs["unique_graphs"]
     assert after_scoring > before
     stats_c = compiled.step(gen_c.queries, gen_c.responses, scores)
@@ -67,7 +67,7 @@ def test_compiled_forward_trains_like_the_eager_one(tmp_path):
     # a compiled run's checkpoint resumes without compile (e.g. where no C++ compiler is): compile may change
     compiled.save_checkpoint()
     resumed = _trainer(tmp_path, False, name="True", resume=True)
-    resumed._maybe_resume()
+    resumed.resume()
     assert resumed.step_count == compiled.step_count == 2
     for a, b in zip(compiled.trainable.parameters(), resumed.trainable.parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -6,7 +6,7 @@ from conftest import make_model, make_tokenizer
 from test_ppo_learns import PROMPTS
 
 from tether import PPOConfig
-from tether.models.rewards import COMPLETION_INFO, RewardError, accepted_keywords, score_batch
+from tether.rewards import COMPLETION_INFO, RewardError, accepted_keywords, score_batch
 from tether.trainers import GRPOTrainer, PPOTrainer
 
 

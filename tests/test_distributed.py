@@ -1,4 +1,4 @@
-"""tether.distributed and the all_reduce path of ops.masks, on 2 real processes (gloo, CPU).
+"""tether.collectives, tether.partition and the all_reduce path of ops.masks, on 2 real processes (gloo, CPU).
 
 One `accelerate launch` with examples/accelerate/cpu_2proc.yaml runs tests/dist/collectives.py as 2 processes
 (about 7 s on 2 cores); each writes what it computed, and the tests below compare that with one process
@@ -15,8 +15,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tether.distributed import check_sizes, gather_lists, rank_minibatches, sum_all_reduce
+from tether.collectives import gather_lists, sum_all_reduce
+from tether.distributed import Ranks
 from tether.ops.masks import masked_mean, masked_var, masked_whiten
+from tether.partition import check_sizes, rank_minibatches
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "dist"))
@@ -104,8 +106,18 @@ def test_gather_lists_keeps_rank_order_and_ragged_lengths(ranks):
         assert res["gathered_kl"] == [0.0, 1.0, 2.0, 0.5, 1.5, 2.5]
 
 
+def test_collectives_class_sums_gathers_and_decides_together(ranks):
+    for r, res in enumerate(ranks):
+        c = res["comm"]
+        assert (c["rank"], c["num"], c["is_main"]) == (r, 2, r == 0)
+        assert c["sum"].tolist() == [3.0, 20.0]
+        assert c["gather"].tolist() == [0, 0, 1, 1]
+        assert c["lists"] == [0, 1, 1]
+        assert (c["any"], c["all"], c["all_true"], c["any_false"]) == (True, False, True, False)
+
+
 def test_reward_spec_normaliser_uses_every_process_scores(ranks):
-    from tether.models.reward_compose import RunningNormalize
+    from tether.rewards.compose import RunningNormalize
 
     one = RunningNormalize(lambda prompts, completions: [1.0, 2.0, 4.0, float("nan"), 8.0, 16.0])
     one([""] * 6, [""] * 6)
@@ -139,6 +151,19 @@ def test_single_process_is_identity():
     ar = sum_all_reduce(one)
     close(masked_whiten(x, mask, all_reduce=ar), masked_whiten(x, mask))
     assert gather_lists(("p", "q"), state=one) == ["p", "q"]
+
+
+def test_one_process_ranks_hold_identity_collectives(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ranks = Ranks(cpu=True)
+    comm = ranks.comm
+    assert (ranks.rank, ranks.num, ranks.is_main) == (comm.rank, comm.num, comm.is_main) == (0, 1, True)
+    assert comm.device is None and ranks.device is None
+    x = torch.arange(3.0)
+    assert comm.all_reduce(x) is x and comm.gather(x) is x
+    assert comm.gather_lists(("p", "q")) == ["p", "q"]
+    assert comm.any(True) and not comm.any(False) and comm.all(True) and not comm.all(False)
+    comm.wait()
 
 
 def test_rank_minibatches_one_process_is_the_old_partition():

@@ -7,7 +7,7 @@ from conftest import make_model, make_tokenizer
 import tether.trainers.optimise as optimise_module
 from tether import PPOConfig
 from tether.trainers.guards import TrainingHalted
-from tether.trainers.ppo import PPOTrainer
+from tether.trainers import PPOTrainer
 
 PROMPTS = ["the movie was", "i really", "a story", "we"]
 

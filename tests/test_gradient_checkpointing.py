@@ -175,9 +175,9 @@ def test_trainer_with_checkpointing_scores_and_updates_as_without(setting, tmp_p
     assert not any(m.training for module in modules if module is not None for m in module.modules())
     gen = plain.generate(PROMPTS[:4])
     fields = ("logprobs", "ref_logprobs", "values", "kl", "entropy")
-    first = checkpointed._forward_rollouts(gen.queries, gen.responses)
-    second = checkpointed._forward_rollouts(gen.queries, gen.responses)  # the same rollouts scored again
-    expected = plain._forward_rollouts(gen.queries, gen.responses)
+    first = checkpointed.score(gen.queries, gen.responses)
+    second = checkpointed.score(gen.queries, gen.responses)  # the same rollouts scored again
+    expected = plain.score(gen.queries, gen.responses)
     for field in fields:
         assert torch.equal(getattr(first, field), getattr(second, field)), field
         assert torch.equal(getattr(first, field), getattr(expected, field)), field

@@ -7,6 +7,7 @@ In the reward: only k1's policy gradient is the KL's; the exact KL gives the sam
 """
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from tether.ops import gather_logprobs
 from tether.ops.kl import kl_abs, kl_k1, kl_k3, kl_mse
 from tether.rollout import Sampler
 from tether.trainers import GRPOTrainer, ReinforcePPTrainer
+from tether.trainers.optimise import micro_loss
 
 
 # ---- the KL term of the loss --------------------------------------------------------------------
@@ -48,12 +50,12 @@ def test_trainer_kl_term_is_the_untruncated_formula_when_tokens_left_the_support
                     top_k=1, temperature=0.7, seed=1, output_dir=str(tmp_path))
     trainer = GRPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok)
     gen = trainer.generate(["the movie was"] * 4 + ["i really"] * 4)
-    batch = trainer._forward_rollouts(gen.queries, gen.responses)
+    batch = trainer.score(gen.queries, gen.responses)
     with torch.no_grad():  # the update moved the policy: its argmax changes at many positions
         for p in trainer.policy.model.transformer.h.parameters():
             p.add_(0.5 * torch.randn_like(p, dtype=torch.float32))
-    rows = torch.arange(8)
-    loss, parts = trainer._micro_loss(batch, rows, torch.zeros_like(batch.mask), None, 1.0, 1.0)
+    batch = replace(batch, advantages=torch.zeros_like(batch.mask))
+    loss, parts = micro_loss(trainer.learner, batch.rows(torch.arange(8)), 1.0, 1.0)
     assert parts["ppo/policy/"]["left_support_frac"] > 0.2  # the case at hand, not a lucky batch
     assert torch.isfinite(loss)
     with torch.no_grad():

@@ -6,7 +6,7 @@ import torch
 from conftest import make_model, make_tokenizer
 
 from tether import PPOConfig
-from tether.trainers.ppo import PPOTrainer
+from tether.trainers import PPOTrainer
 
 PROMPTS = ["the movie was", "i really", "a story", "the actor and", "we", "it is not", "the plot was very",
            "music"]

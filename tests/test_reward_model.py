@@ -6,8 +6,8 @@ from conftest import make_model, make_tokenizer
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from tether import PPOConfig
-from tether.models.rewards import RewardModel, resolve_reward
-from tether.trainers.ppo import PPOTrainer
+from tether.rewards import RewardModel, resolve_reward
+from tether.trainers import PPOTrainer
 
 
 def save_reward_model(path, num_labels=1):

@@ -10,7 +10,7 @@ from conftest import make_tokenizer
 from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
 
 from tether.cli import main
-from tether.models.rewards import RewardModel, resolve_reward
+from tether.rewards import RewardModel, resolve_reward
 from tether.reward_config import RewardConfig
 from tether.trainers.reward import RewardTrainer
 

@@ -11,7 +11,7 @@ from tether.models.policy import response_forward
 from tether.ops import ESTIMATORS, gather_logprobs
 from tether.rollout import Sampler, sample
 from tether.trainers.batching import left_pad
-from tether.trainers.ppo import PPOTrainer
+from tether.trainers import PPOTrainer
 
 PROMPTS = ["the movie was", "i", "a very long plot and the actor was", "fun", "we really", "it is not quite"]
 SETTINGS = dict(top_k=5, top_p=0.8, min_new_tokens=8)
@@ -132,7 +132,7 @@ def test_padding_after_eos_is_masked_out_of_everything(tmp_path):
     for r in gen.responses:  # each response stops at its first EOS (or at max_new_tokens)
         eos_at = (r == tok.eos_token_id).nonzero()
         assert len(eos_at) == 0 or eos_at[0].item() == len(r) - 1
-    batch = trainer._forward_rollouts(gen.queries, gen.responses)
+    batch = trainer.score(gen.queries, gen.responses)
     outside = batch.mask == 0
     assert outside.any()
     for t in (batch.logprobs, batch.ref_logprobs, batch.values, batch.kl, batch.entropy):

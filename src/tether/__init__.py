@@ -5,8 +5,8 @@ from tether.config import PPOConfig
 __version__ = "0.1.0"
 
 
-_LAZY = {"PPOTrainer": "tether.trainers.ppo", "GRPOTrainer": "tether.trainers.grpo",
-         "RLOOTrainer": "tether.trainers.rloo", "ReinforcePPTrainer": "tether.trainers.reinforce_pp",
+_LAZY = {"PPOTrainer": "tether.trainers", "GRPOTrainer": "tether.trainers",
+         "RLOOTrainer": "tether.trainers", "ReinforcePPTrainer": "tether.trainers",
          "RewardTrainer": "tether.trainers.reward", "RewardConfig": "tether.reward_config"}
 
 

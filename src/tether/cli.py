@@ -6,16 +6,20 @@ from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
+from tether.algorithms import ALGORITHMS
 from tether.config import PPOConfig
 from tether.demo import DEMO_DEFAULTS
-from tether.models.rewards import RewardError
+from tether.rewards import RewardError
 from tether.trainers.guards import TrainingHalted
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # PPOConfig's field docstrings become --help
 
 
-# `tether <command>` -> PPOConfig.algorithm; the keys an algorithm leaves unset take its defaults.
-ALGORITHM_COMMANDS = {"ppo": "ppo", "grpo": "grpo", "rloo": "rloo", "reinforce-pp": "reinforce++"}
+
+def algorithm_commands() -> dict[str, str]:
+    """`tether <command>` -> PPOConfig.algorithm, for every entry of the algorithm table (read when used, so a
+    method registered before the parser is built gets its subcommand)."""
+    return {a.command: a.name for a in ALGORITHMS.values()}
 
 
 def _ppo_parser(description: str, defaults: dict | None = None) -> ArgumentParser:
@@ -59,19 +63,8 @@ def _inspect_reward_parser() -> ArgumentParser:
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="tether", description="RLHF for transformer language models.")
     commands = parser.add_subcommands(dest="command")
-    commands.add_subcommand("ppo", _ppo_parser("Train a causal LM with PPO against a reward."),
-                            help="PPO on your model, prompts and reward")
-    commands.add_subcommand("grpo", _ppo_parser(
-        "GRPO: no critic; completions of one prompt are compared within their group (mean/std). Same keys as "
-        "`tether ppo`; defaults: num_generations 4, KL in the loss (k3).", {"algorithm": "grpo"}),
-        help="GRPO (critic-free)")
-    commands.add_subcommand("rloo", _ppo_parser(
-        "RLOO: no critic; each completion's baseline is the mean reward of its prompt's other completions. "
-        "Same keys as `tether ppo`; defaults: num_generations 4, KL in the reward.", {"algorithm": "rloo"}),
-        help="RLOO (critic-free)")
-    commands.add_subcommand("reinforce-pp", _ppo_parser(
-        "REINFORCE++: no critic; per-token returns with the KL in the reward, whitened over the batch. Same "
-        "keys as `tether ppo`.", {"algorithm": "reinforce++"}), help="REINFORCE++ (critic-free)")
+    for a in ALGORITHMS.values():
+        commands.add_subcommand(a.command, _ppo_parser(a.description, {"algorithm": a.name}), help=a.help)
     commands.add_subcommand("demo", _ppo_parser(
         "Offline demo: PPO on SmolLM2-135M-Instruct toward positive movie reviews, scored by VADER. Takes the "
         "same keys as `tether ppo` (`algorithm` picks grpo, rloo or reinforce++ instead); model, prompts and "
@@ -85,7 +78,7 @@ def build_parser() -> ArgumentParser:
 
 def config_from_args(args, command: str = "ppo") -> PPOConfig:
     keys = {k: v for k, v in vars(args).items() if k in PPOConfig.__dataclass_fields__}
-    wanted = ALGORITHM_COMMANDS.get(command)
+    wanted = algorithm_commands().get(command)
     if wanted is not None and keys.get("algorithm", wanted) != wanted:
         raise ValueError(f"`tether {command}` runs algorithm={wanted!r}, but the config sets algorithm="
                          f"{keys['algorithm']!r}; use `tether {_command_for(keys['algorithm'])}` for that")
@@ -93,7 +86,7 @@ def config_from_args(args, command: str = "ppo") -> PPOConfig:
 
 
 def _command_for(algorithm: str) -> str:
-    return next((cmd for cmd, algo in ALGORITHM_COMMANDS.items() if algo == algorithm), "ppo")
+    return next((cmd for cmd, algo in algorithm_commands().items() if algo == algorithm), "ppo")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 trainer = trainer_class(config.algorithm)(config)
             history = trainer.train()
-            if trainer.ranks.is_main:  # one summary, not one per process
+            if trainer.comm.is_main:  # one summary, not one per process
                 _summary(config.output_dir, history)
     except (ValueError, TypeError, FileNotFoundError, ImportError, RewardError, TrainingHalted) as err:
         # Errors about the user's input end in one clear line; anything else keeps its traceback.
@@ -147,7 +140,7 @@ def _reward_command(command: str, sub) -> None:
             print(f"done: step {history[-1]['step']}, {last}")
         print(f"reward model: {config.output_dir}  (use it as `reward: {config.output_dir}` in a PPO config)")
         return
-    from tether.models.rewards import resolve_reward
+    from tether.rewards import resolve_reward
     from tether.report.reward_inspect import describe, inspect_reward
 
     config = InspectRewardConfig(**{k: v for k, v in vars(sub).items()

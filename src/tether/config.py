@@ -10,29 +10,21 @@ from typing import Literal
 import torch
 from transformers import SchedulerType
 
+from tether.algorithms import ALGORITHMS
 from tether.ops.kl import BIASED_IN_REWARD, ESTIMATORS, FULL_REFUSED
 
 _SCHEDULERS = {t.value for t in SchedulerType}
 
 # `full` parses so that the config can say why it is refused (ops.kl.FULL_REFUSED).
 KLEstimatorName = Literal["kl", "k1", "abs", "mse", "k2", "k3", "full"]
-Algorithm = Literal["ppo", "grpo", "rloo", "reinforce++"]
-
-# Keys left unset (None) take their algorithm's default, resolved once when the config is built.
-ALGORITHM_DEFAULTS: dict[str, dict] = {
-    "ppo": {"num_generations": 1, "kl_in_loss": False, "whiten_advantages": True},
-    "grpo": {"num_generations": 4, "kl_in_loss": True, "whiten_advantages": False},
-    "rloo": {"num_generations": 4, "kl_in_loss": False, "whiten_advantages": False},
-    "reinforce++": {"num_generations": 1, "kl_in_loss": False, "whiten_advantages": True},
-}
 
 
 @dataclass(frozen=True)
 class PPOConfig:
-    algorithm: Algorithm = "ppo"
+    algorithm: str = "ppo"
     """ppo (GAE with a critic), or critic-free: grpo (group mean/std), rloo (leave-one-out baseline),
-    reinforce++ (batch-normalised returns). `tether grpo` etc. set it; it picks the defaults of the keys left
-    unset (num_generations, kl_in_loss, whiten_advantages)."""
+    reinforce++ (batch-normalised returns), or any method added to tether.algorithms.ALGORITHMS. `tether grpo`
+    etc. set it; it picks the defaults of the keys left unset (num_generations, kl_in_loss, whiten_advantages)."""
 
     # --- what to train, on what, against what --------------------------------------------
     model: str = ""
@@ -200,7 +192,9 @@ class PPOConfig:
     """auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ..."""
 
     def __post_init__(self) -> None:
-        for key, value in ALGORITHM_DEFAULTS.get(self.algorithm, {}).items():
+        # Keys left unset (None) take their algorithm's default, resolved once here.
+        algorithm = ALGORITHMS.get(self.algorithm)
+        for key, value in (algorithm.defaults if algorithm else {}).items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
         if self.kl_estimator is None:
@@ -233,8 +227,8 @@ def _errors(c: PPOConfig):
             problems.append(f"{name}={value!r} must be in {'(0' if low_open else '[0'}, 1]")
 
     problems: list[str] = []
-    if c.algorithm not in ALGORITHM_DEFAULTS:
-        return [f"algorithm={c.algorithm!r} is not one of {sorted(ALGORITHM_DEFAULTS)}"]
+    if c.algorithm not in ALGORITHMS:
+        return [f"algorithm={c.algorithm!r} is not one of {sorted(ALGORITHMS)}"]
     for name in ("adam_eps", "steps", "batch_size", "minibatch_size", "ppo_epochs", "gradient_accumulation_steps",
                  "max_new_tokens", "learning_rate", "temperature", "cliprange", "cliprange_value",
                  "kl_target", "kl_horizon", "samples_per_step", "keep_checkpoints", "max_faults_in_row", "num_generations",
@@ -283,23 +277,21 @@ def _algorithm_errors(c: PPOConfig) -> list[str]:
     problems = []
     if c.num_generations > 0 and c.batch_size % c.num_generations:
         problems.append(f"num_generations={c.num_generations} does not divide batch_size={c.batch_size}")
-    if c.algorithm in ("grpo", "rloo") and c.num_generations < 2:
-        problems.append(f"{c.algorithm} compares completions of the same prompt: num_generations must be >= 2, "
-                        f"got {c.num_generations}")
-    if c.critic != "shared" and c.algorithm != "ppo":
+    algorithm = ALGORITHMS[c.algorithm]
+    if c.num_generations < algorithm.min_generations:
+        problems.append(f"{c.algorithm} compares completions of the same prompt: num_generations must be >= "
+                        f"{algorithm.min_generations}, got {c.num_generations}")
+    if c.critic != "shared" and not algorithm.uses_critic:
         problems.append(f"critic={c.critic!r}: only ppo uses a critic; {c.algorithm} is critic-free")
     if c.kl_in_loss and c.kl_estimator in ("kl", "k1"):
         problems.append(f"kl_in_loss with kl_estimator={c.kl_estimator}: the expected gradient of k1 is zero (the "
                         f"score function has mean zero), so it would not hold the policy; use k3 (the default "
                         f"there) or mse")
-    if c.algorithm in ("grpo", "rloo"):  # one advantage per completion: the per-token keys have nothing to act on
-        defaults = {f.name: f.default for f in fields(PPOConfig)}
-        for key in ("whiten_rewards", "gamma", "lam"):
-            if getattr(c, key) != defaults[key]:
-                problems.append(f"{key}={getattr(c, key)!r} does nothing for {c.algorithm}, whose advantage is one "
-                                f"number per completion; leave it unset")
-    if c.algorithm == "reinforce++" and c.lam != 0.95:
-        problems.append(f"lam={c.lam!r} does nothing for reinforce++ (returns-to-go, no critic); leave it unset")
+    defaults = {f.name: f.default for f in fields(PPOConfig)}
+    for key in algorithm.inert_keys:
+        if getattr(c, key) != defaults[key]:
+            problems.append(f"{key}={getattr(c, key)!r} does nothing for {c.algorithm} ({algorithm.inert_why}); "
+                            f"leave it unset")
     return problems
 
 

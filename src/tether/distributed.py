@@ -1,99 +1,22 @@
-"""Several processes on Accelerate: the few collectives a data-parallel RLHF step needs.
+"""Several processes on Accelerate: the launch, and the wrapping of the trained module (how the global batch splits
+over the processes is `tether.partition`).
 
-Everything here goes through `accelerate` (its `PartialState`, `reduce`, `gather_object`), which owns the process
-group whatever launched it (`accelerate launch`, torchrun, DeepSpeed). `state` may be an `Accelerator` or a
-`PartialState`; None means the current `PartialState` (create the `Accelerator` first, or pass it). With one process
-every function is a cheap no-op, so the trainer calls them unconditionally.
-
-Sizes are global: `batch_size` rollouts per step and `minibatch_size` rows per optimiser step over all processes
-together. Rank r of N owns rows r*B/N .. (r+1)*B/N of the global batch and its share of every minibatch.
-
-The functions that take a `state` (and most of `Ranks`'s methods) are collectives: every process must call them,
-in the same order, or the run hangs. `Ranks`, at the end, is what a trainer holds: these collectives for its process group,
-and the wrapping, optimiser step and checkpoint shards of its trained module under DDP, DeepSpeed ZeRO or FSDP 2.
+`Ranks`, at the end, is what a trainer holds: the process group's collectives (`ranks.comm`, a
+`tether.collectives.Collectives`), and the wrapping, optimiser step and checkpoint shards of its trained module under
+DDP, DeepSpeed ZeRO or FSDP 2. Most of its methods are collectives too: every process must call them, in the same
+order, or the run hangs.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, TypeVar
 from unittest import mock
 
 import torch
-from accelerate import PartialState
-from accelerate.utils import gather_object, parse_flag_from_env, reduce
+from accelerate.utils import parse_flag_from_env
 from torch import Tensor
 
-AllReduce = Callable[[Tensor], Tensor]
-T = TypeVar("T")
-
-
-def current_state(state: Any = None) -> Any:
-    """`state` if given, else the process's `PartialState` (created on first use, honouring
-    ACCELERATE_USE_CPU=true, which PartialState itself ignores)."""
-    if state is not None:
-        return state
-    # Only an uninitialised PartialState reads `cpu`. Without it, processes started by torchrun on a GPU-less
-    # machine join one process group yet each believes it is alone.
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-
-
-def sum_all_reduce(state: Any = None) -> AllReduce:
-    """The sum of a tensor over all processes, for `masked_mean/var/whiten(..., all_reduce=...)`; identity
-    with one process. The tensor must live on the process's device (nccl cannot reduce CPU tensors)."""
-    if current_state(state).num_processes == 1:
-        return _identity
-    return _sum
-
-
-def _identity(x: Tensor) -> Tensor:
-    return x
-
-
-def _sum(x: Tensor) -> Tensor:
-    return reduce(x, reduction="sum")  # all_reduce on a clone: the argument is left untouched
-
-
-def gather_lists(items: Sequence[T], state: Any = None) -> list[T]:
-    """Every process's list, concatenated in rank order (lengths may differ), returned on every process.
-    For the samples log and per-sample KLs: pickled, so keep it to small Python objects, not big tensors."""
-    if current_state(state).num_processes == 1:
-        return list(items)
-    return gather_object(list(items))  # accelerate concatenates the per-rank lists
-
-
-def check_sizes(batch_size: int, minibatch_size: int, num_processes: int,
-                gradient_accumulation_steps: int = 1, group_size: int = 1) -> tuple[int, int]:
-    """The per-process (batch, minibatch) sizes for global sizes on num_processes; a clear error where the
-    global sizes do not split evenly (an uneven split would weight some processes' rollouts more).
-
-    group_size: completions per prompt (num_generations), laid out prompt by prompt; each process must hold
-    whole groups, so that group baselines (GRPO, RLOO) need no communication."""
-    for name, size in (("batch_size", batch_size), ("minibatch_size", minibatch_size)):
-        if size % num_processes:
-            raise ValueError(f"{name}={size} is global and must split evenly over {num_processes} processes; "
-                             f"use a multiple of {num_processes}")
-    if (batch_size // num_processes) % group_size:
-        raise ValueError(f"batch_size={batch_size} over {num_processes} processes is {batch_size // num_processes} "
-                         f"rollouts each, which would split a group of num_generations={group_size}; use a "
-                         f"multiple of {num_processes * group_size}")
-    local_mb = minibatch_size // num_processes
-    if local_mb % gradient_accumulation_steps:
-        raise ValueError(f"minibatch_size={minibatch_size} over {num_processes} processes is {local_mb} rows each, "
-                         f"which gradient_accumulation_steps={gradient_accumulation_steps} does not divide")
-    return batch_size // num_processes, local_mb
-
-
-def rank_minibatches(local_batch: int, local_minibatch: int, generator: torch.Generator, rank: int,
-                     num_processes: int) -> list[Tensor]:
-    """This rank's share of each global minibatch, as indices into its local rows.
-
-    Every rank draws one permutation per rank from the same generator (so generator states stay equal across
-    ranks) and splits its own. Global minibatch k is the union over ranks of their k-th pieces, every rank
-    holding exactly local_minibatch rows of it. With one process this is `randperm(B).split(mb)`, the
-    single-process partition, draw for draw."""
-    perms = [torch.randperm(local_batch, generator=generator) for _ in range(num_processes)]
-    return list(perms[rank].split(local_minibatch))
+from tether.collectives import Collectives
 
 
 def clip_if_needed(params: list[Tensor], max_norm: float) -> Tensor:
@@ -107,16 +30,11 @@ def clip_if_needed(params: list[Tensor], max_norm: float) -> Tensor:
     return total
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """Seed for a per-process random stream (sampling, dropout); rank 0 keeps `seed`, so a one-process run
-    samples as before. Streams that must agree across ranks (prompt order, minibatch partition) use `seed`."""
-    return seed + 1_000_003 * rank
-
-
 class Ranks:
     """What a trainer needs to know about the other processes, in one place.
 
-    One process (no launcher): every collective is the identity and nothing touches accelerate's global state.
+    One process (no launcher): every collective (`comm`) is the identity and nothing touches accelerate's global
+    state.
     Launched on N > 1 processes (`accelerate launch`, torchrun): an `Accelerator` owns the process group and
     wraps the trained module: DistributedDataParallel, a DeepSpeed ZeRO engine (stage 1, 2 or 3), or FSDP 2.
 
@@ -134,10 +52,19 @@ class Ranks:
         self._optimizer: torch.optim.Optimizer | None = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             self._start(cpu)
-        self.num = self.accelerator.num_processes if self.accelerator else 1
-        self.rank = self.accelerator.process_index if self.accelerator else 0
-        self.is_main = self.rank == 0
-        self.all_reduce: AllReduce = sum_all_reduce(self.accelerator) if self.accelerator else _identity
+        self.comm = Collectives(self.accelerator)
+
+    @property
+    def num(self) -> int:
+        return self.comm.num
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.comm.is_main
 
     def _start(self, cpu: bool) -> None:
         import os
@@ -349,27 +276,6 @@ class Ranks:
         set_state_dict(self._module, self._optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
 
-    def gather(self, x: Tensor) -> Tensor:
-        """Every process's (n, ...) tensor, concatenated in rank order (all n equal)."""
-        if self.accelerator is None:
-            return x
-        from accelerate.utils import gather
-
-        return gather(x.contiguous())
-
-    def gather_lists(self, items: Sequence[T]) -> list[T]:
-        return gather_lists(items, self.accelerator) if self.accelerator else list(items)
-
-    def any(self, flag: bool) -> bool:
-        """True on every process when it is True on any: decisions that must be taken together."""
-        if self.accelerator is None:
-            return bool(flag)
-        return bool(self.all_reduce(torch.tensor([float(flag)], device=self.accelerator.device)).item() > 0)
-
-    def all(self, flag: bool) -> bool:
-        """True on every process when it is True on all."""
-        return not self.any(not flag)
-
     def no_sync(self, module: torch.nn.Module, skip: bool):
         """With skip: no DDP gradient all-reduce in this backward (all but the last micro-batch of a minibatch).
         DeepSpeed's engine is told by `backward(loss, last)` instead; FSDP reduce-scatters after every
@@ -377,7 +283,3 @@ class Ranks:
         if skip and self.accelerator is not None and self.engine is None and not self.fsdp:
             return self.accelerator.no_sync(module)
         return nullcontext()
-
-    def wait(self) -> None:
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()

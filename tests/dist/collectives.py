@@ -39,13 +39,9 @@ def _error(fn) -> str | None:
 
 
 def main(out: Path) -> None:
-    from tether.distributed import (
-        current_state,
-        gather_lists,
-        rank_minibatches,
-        sum_all_reduce,
-    )
+    from tether.collectives import Collectives, current_state, gather_lists, sum_all_reduce
     from tether.ops.masks import masked_mean, masked_var, masked_whiten
+    from tether.partition import rank_minibatches
 
     state = current_state()  # as the launcher set it up: ACCELERATE_USE_CPU=true -> gloo on CPU
     r, n = state.process_index, state.num_processes
@@ -72,9 +68,16 @@ def main(out: Path) -> None:
     res["gathered"] = gather_lists([f"rank{r}-item{i}" for i in range(r + 1)])  # 1 then 2 items
     res["gathered_kl"] = gather_lists([0.5 * r + i for i in range(3)])
 
+    comm = Collectives(state)  # what a trainer holds as ranks.comm (its Accelerator in place of the state)
+    res["comm"] = {"rank": comm.rank, "num": comm.num, "is_main": comm.is_main,
+                   "sum": comm.all_reduce(torch.tensor([1.0 + r, 10.0])), "gather": comm.gather(torch.full((2,), r)),
+                   "lists": comm.gather_lists([r] * (r + 1)), "any": comm.any(r == 1), "all": comm.all(r == 1),
+                   "all_true": comm.all(True), "any_false": comm.any(False)}
+    comm.wait()
+
     # a reward spec's running normaliser: every process's scores update the statistics (ragged: 2 and 3 rows,
     # a nan on rank 1 left out)
-    from tether.models.reward_compose import RunningNormalize
+    from tether.rewards.compose import RunningNormalize
 
     scores = {0: [1.0, 2.0], 1: [4.0, float("nan"), 8.0, 16.0]}[r]
     norm = RunningNormalize(lambda prompts, completions: scores)

@@ -51,18 +51,20 @@ def rollouts(tok):
 def poisoned(trainer, rank: int, num: int, first: bool):
     """Every update's first (or second) micro-batch gets a nan loss on the last process only: every update must
     then be skipped on all processes, and gradients already accumulated (by the first) dropped."""
+    from tether.trainers import optimise
+
     calls = itertools.count()
-    micro_loss = trainer._micro_loss
+    micro_loss = optimise.micro_loss
 
     def nan_loss(*args):
         loss, parts = micro_loss(*args)
         return (loss * float("nan") if next(calls) % 2 == (0 if first else 1) and rank == num - 1 else loss), parts
 
-    trainer._micro_loss = nan_loss
+    optimise.micro_loss = nan_loss
     try:
         yield
     finally:
-        del trainer._micro_loss
+        optimise.micro_loss = micro_loss
 
 
 @contextmanager
@@ -106,7 +108,7 @@ def run(name: str, out: Path, rank: int, num: int) -> dict:
     with torch.no_grad():
         skipped = trainer.step(queries[rows], responses[rows], nan_scores[rows])
     unchanged = all(torch.equal(after[k], v) for k, v in weights().items())
-    forward = trainer.trainable_forward
+    forward = trainer.learner.trained_module
     return {"wrapper": type(getattr(forward, "_orig_mod", forward)).__name__,
             "compiled": isinstance(forward, torch._dynamo.eval_frame.OptimizedModule),
             "param_type": type(next(trainer.trainable.parameters())).__name__,

@@ -1,7 +1,7 @@
 """Response masks and masked statistics. One mask rules KL, values, advantages, losses, entropy.
 
 The statistics take an optional `all_reduce`: a callable that sums a tensor across processes (see
-`tether.distributed.sum_all_reduce`). It is applied to the masked sums and the mask counts only, so with N
+`tether.collectives.sum_all_reduce`). It is applied to the masked sums and the mask counts only, so with N
 processes each holding a slice of the batch the result is the statistic over every process's tokens, as one
 process holding the whole batch would compute it (the Bessel correction uses the global count). It is a
 collective: every process must make the same calls in the same order. It carries no gradient; use it for

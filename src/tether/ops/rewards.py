@@ -21,6 +21,19 @@ def shape_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> t
     return rewards, non_score
 
 
+def process_scores(scores: Tensor, scale: float, clip: float | None, moments: "RunningMoments | None" = None,
+                   gather=None) -> Tensor:
+    """score_scale, then score_norm (moments given: updated with `gather(scores)`, every process's scores, then
+    the running mean removed and the running std divided out), then score_clip."""
+    scores = scores * scale
+    if moments is not None:
+        moments.update(gather(scores))
+        scores = (scores - moments.mean) / max(moments.std, 1e-8)
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    return scores
+
+
 class RunningMoments:
     """Running mean / std of scores across steps (Chan et al. parallel variance update).
 

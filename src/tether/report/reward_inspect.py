@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from tether.models.rewards import score_batch
+from tether.rewards import score_batch
 from tether.reward_data import read_rows
 
 

@@ -19,7 +19,7 @@ from tether.models.policy import (
     linear_weights_in,
     load_causal_lm,
 )
-from tether.models.rewards import resolve_reward
+from tether.rewards import resolve_reward
 from tether.trainers.setup import add_lora
 
 

@@ -8,18 +8,37 @@ renamed to `.trash-*` before they are deleted, so no half-deleted checkpoint is 
 
 import logging
 import os
-import random
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
 log = logging.getLogger("tether")
 _NAME = re.compile(r"^step-(\d{8})$")
 WEIGHTS, STATE, SHARDS = "policy.safetensors", "trainer_state.pt", "shards"
+
+
+def save_trained(directory: Path, policy, critic, peft, tokenizer, state_dict: dict | None = None) -> None:
+    """The policy as a folder AutoModelForCausalLM loads (LoRA merged in; the adapter alone in
+    DIRECTORY/adapter), and a separate critic in DIRECTORY/critic. state_dict: the trained module's whole
+    weights (`Ranks.full_state_dict`, keys `policy.*`, `critic.*`) when its own parameters are shards."""
+    import copy
+
+    from tether.models.policy import state_dict_part
+
+    def part(prefix: str) -> dict | None:
+        return None if state_dict is None else state_dict_part(state_dict, prefix)
+
+    if peft is None:
+        policy.save_pretrained(directory, tokenizer, state_dict=part("policy."))
+    else:
+        peft.save_pretrained(directory / "adapter")
+        merged = copy.deepcopy(peft).merge_and_unload()
+        policy.save_pretrained(directory, tokenizer, model=merged)
+    if critic is not None:
+        critic.save_pretrained(directory / "critic", state_dict=part("critic."))
 
 
 def _fsync(path: Path) -> None:
@@ -105,83 +124,54 @@ RESUMABLE_CHANGES = {"steps", "resume", "checkpoint_every", "keep_checkpoints", 
                      "max_faults_in_row", "device", "compile", "keep_freed_memory"}
 
 
-def capture_state(trainer) -> dict:
-    """Everything besides the weights that the next step depends on."""
-    reward_state = getattr(trainer.reward, "state_dict", None)
-    return {
-        "config": trainer.config.to_dict(),
-        "step": trainer.step_count,
-        # under DeepSpeed and FSDP the optimiser states are sharded: every process writes its own (`write_checkpoint`)
-        **({"optimizer": trainer.optimizer.state_dict()} if not trainer.ranks.sharded_state else {}),
-        "scheduler": trainer.scheduler.state_dict(),
-        "kl_ctl": trainer.kl_ctl.state_dict(),
-        "score_moments": trainer.score_moments.state_dict(),
-        "reward": reward_state() if callable(reward_state) else None,
-        "support_flips": trainer.support_flips,
-        "faults": trainer.faults.state_dict(),
-        "order": list(trainer._order),
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "sample": trainer.sample_generator.get_state(), "shuffle": trainer.shuffle_generator.get_state(),
-                "data": trainer.data_generator.get_state()},
-    }
+def capture_state(config, parts: dict) -> dict:
+    """Everything besides the weights that the next step depends on: each part's state_dict, by name. The
+    progress part's keys sit at the top level, as in the first checkpoints tether wrote (which still resume)."""
+    return {"config": config.to_dict(), **parts["progress"].state_dict(),
+            **{name: part.state_dict() for name, part in parts.items() if name != "progress"}}
 
 
-def restore_state(trainer, state: dict) -> None:
+def restore_state(config, parts: dict, state: dict) -> None:
     changed = sorted(k for k, v in state["config"].items()
-                     if k not in RESUMABLE_CHANGES and getattr(trainer.config, k, v) != v)
+                     if k not in RESUMABLE_CHANGES and getattr(config, k, v) != v)
     if changed:
-        details = ", ".join(f"{k}: {state['config'][k]!r} -> {getattr(trainer.config, k)!r}" for k in changed)
+        details = ", ".join(f"{k}: {state['config'][k]!r} -> {getattr(config, k)!r}" for k in changed)
         raise ValueError(f"cannot resume: the config differs from the checkpoint's in {details}. Only "
                          f"{sorted(RESUMABLE_CHANGES)} may change; use a new output_dir for a different run")
-    trainer.step_count = state["step"]
-    if "optimizer" in state:  # else in DeepSpeed's shards, loaded with the weights
-        trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer.kl_ctl.load_state_dict(state["kl_ctl"])
-    trainer.score_moments.load_state_dict(state["score_moments"])
-    if state["reward"] is not None and hasattr(trainer.reward, "load_state_dict"):
-        trainer.reward.load_state_dict(state["reward"])
-    trainer.support_flips = state["support_flips"]
-    trainer.faults.load_state_dict(state["faults"])
-    trainer._order = list(state["order"])
-    rng = state["rng"]
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    trainer.sample_generator.set_state(rng["sample"])
-    trainer.shuffle_generator.set_state(rng["shuffle"])
-    trainer.data_generator.set_state(rng["data"])
+    parts["progress"].load_state_dict(state)
+    for name, part in parts.items():
+        # optimizer: absent under DeepSpeed / FSDP (in the shards); reward: None when it kept no state
+        if name != "progress" and state.get(name) is not None:
+            part.load_state_dict(state[name])
 
 
-def write_checkpoint(trainer) -> Path:
-    """The trainer's checkpoint at its current step. On several processes every process must call it: each
-    one's random state is gathered into the checkpoint, and the main process writes it. Under DeepSpeed and FSDP
-    every process also writes its shard of the weights and optimiser states into the folder's `shards/`."""
-    g = trainer.ranks
-    state = {**capture_state(trainer), "num_processes": g.num, "sharding": g.sharding}
-    if g.num > 1:
-        state["rng_per_rank"] = g.gather_lists([state["rng"]])
-    root = Path(trainer.config.output_dir) / "checkpoints"
-    path = root / f"step-{trainer.step_count:08d}"
-    tmp = begin_checkpoint(root, trainer.step_count) if g.is_main else temporary_folder(root, trainer.step_count)
-    g.wait()
+def write_checkpoint(config, ranks, trained: torch.nn.Module, parts: dict) -> Path:
+    """The checkpoint at the current step. On several processes every process must call it: each one's random
+    state is gathered into the checkpoint, and the main process writes it. Under DeepSpeed and FSDP every
+    process also writes its shard of the weights and optimiser states into the folder's `shards/`."""
+    g, comm = ranks, ranks.comm
+    step = parts["progress"].step
+    state = {**capture_state(config, parts), "num_processes": comm.num, "sharding": g.sharding}
+    if comm.num > 1:
+        state["rng_per_rank"] = comm.gather_lists([state["rng"]])
+    root = Path(config.output_dir) / "checkpoints"
+    path = root / f"step-{step:08d}"
+    tmp = begin_checkpoint(root, step) if comm.is_main else temporary_folder(root, step)
+    comm.wait()
     if g.sharded_state:
         g.save_shards(tmp / SHARDS)
-        g.wait()
-    if g.is_main:
-        commit_checkpoint(root, trainer.step_count, tmp, None if g.sharded_state else trainer.trainable, state,
-                          keep=trainer.config.keep_checkpoints)
-    g.wait()
+        comm.wait()
+    if comm.is_main:
+        commit_checkpoint(root, step, tmp, None if g.sharded_state else trained, state,
+                          keep=config.keep_checkpoints)
+    comm.wait()
     return path
 
 
-def maybe_resume(trainer) -> None:
+def maybe_resume(config, ranks, trained: torch.nn.Module, parts: dict) -> None:
     """Continue from the latest checkpoint in output_dir as `resume` says (true, auto, false); refuse a fresh run
     into a folder that holds one, and a resume with another number of processes."""
-    c = trainer.config
+    c = config
     checkpoints = list_checkpoints(Path(c.output_dir) / "checkpoints")
     if c.resume is False:
         if checkpoints:
@@ -192,21 +182,21 @@ def maybe_resume(trainer) -> None:
         if c.resume is True:
             raise ValueError(f"resume=true but {c.output_dir!r} holds no checkpoint to resume from")
         return
-    g = trainer.ranks
+    g, comm = ranks, ranks.comm
     state = load_checkpoint(checkpoints[-1], None)  # the trainer state: checked before any weight is touched
     if state.get("sharding", "none") != g.sharding:
         raise ValueError(f"cannot resume: {checkpoints[-1]} was written with sharding {state.get('sharding', 'none')}"
                          f" and this run has {g.sharding} (DeepSpeed stage / FSDP); its weights and optimiser "
                          f"states are laid out for the former, so resume it the way it was launched")
-    if state.get("num_processes", 1) != trainer.ranks.num:
+    if state.get("num_processes", 1) != comm.num:
         raise ValueError(f"cannot resume: {checkpoints[-1]} was written by {state.get('num_processes', 1)} "
-                         f"process(es), this run has {trainer.ranks.num}; every process's random state is in the "
+                         f"process(es), this run has {comm.num}; every process's random state is in the "
                          f"checkpoint, so resume with the same number")
     if "rng_per_rank" in state:
-        state["rng"] = state["rng_per_rank"][trainer.ranks.rank]
+        state["rng"] = state["rng_per_rank"][comm.rank]
     if g.sharded_state:
         g.load_shards(checkpoints[-1] / SHARDS)
     else:
-        load_model(trainer.trainable, str(checkpoints[-1] / WEIGHTS))
-    restore_state(trainer, state)
-    log.info("resumed from %s at step %d", checkpoints[-1], trainer.step_count)
+        load_model(trained, str(checkpoints[-1] / WEIGHTS))
+    restore_state(c, parts, state)
+    log.info("resumed from %s at step %d", checkpoints[-1], parts["progress"].step)

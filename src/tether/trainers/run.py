@@ -67,3 +67,10 @@ def _step_of(line: str) -> int | None:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return None  # a line cut short by a kill mid-write
+
+
+class NoLog:
+    """The run logger of a process other than the main one."""
+
+    def log(self, *args) -> None:
+        pass

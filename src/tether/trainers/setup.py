@@ -27,6 +27,40 @@ def check_token_rows(rows, what: str, vocab_size: int) -> None:
                              f"outside the model's vocabulary of {vocab_size}")
 
 
+def check_step_inputs(queries: list[Tensor], responses: list[Tensor], scores, local_batch: int, group: int,
+                      vocab_size: int, needs: str) -> Tensor:
+    """The step API's input checked (sizes, token ids, groups of `group` completions of one prompt); the
+    scores as a (B,) float tensor. needs: how the batch size reads in a message."""
+    if not (len(queries) == len(responses) == local_batch):
+        raise ValueError(f"step got {len(queries)} queries and {len(responses)} responses; both must equal {needs}")
+    check_token_rows(queries, "query", vocab_size)
+    check_token_rows(responses, "response", vocab_size)
+    for start in range(0, len(queries), group):
+        for i in range(start + 1, start + group):
+            if not torch.equal(queries[i], queries[start]):
+                raise ValueError(f"num_generations={group}: rows {start}..{start + group - 1} must be completions of "
+                                 f"one prompt, but query {i} differs from query {start}")
+    raw_scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
+    if len(raw_scores) != local_batch:
+        raise ValueError(f"step got {len(raw_scores)} scores; it needs {needs}")
+    return raw_scores
+
+
+def encode_prompt(tokenizer, model, max_new_tokens: int, text: str, where: str) -> Tensor:
+    """A prompt's token ids, refused when empty or too long for the model's context with max_new_tokens."""
+    from tether.models.policy import context_length
+
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    context = context_length(model.config)
+    if len(ids) == 0:
+        raise ValueError(f"{where} {text!r} tokenises to no tokens")
+    if context is not None and len(ids) + max_new_tokens > context:
+        raise ValueError(f"{where} is {len(ids)} tokens; with max_new_tokens={max_new_tokens} that "
+                         f"exceeds the model's context of {context} tokens. Shorten the prompt or lower "
+                         f"max_new_tokens. Prompt starts: {text[:80]!r}")
+    return ids
+
+
 def keep_freed_memory() -> bool:
     """Process-wide, glibc only: serve every allocation from the heap and trim the heap only once more than
     2 GiB at its top is free, so memory the process frees is reused as it is. By default glibc maps each block

@@ -10,7 +10,6 @@ import numbers
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
@@ -29,23 +28,8 @@ class RewardError(RuntimeError):
     """The user's reward function raised; the message names the batch, the cause is chained."""
 
 
-def resolve_reward(reward, device: torch.device | str = "cpu", batch_size: int = 16) -> RewardFn:
-    """A callable as is; `package.module:function` imported; a folder loaded as a reward model; a .yaml/.yml
-    file built as a combined reward (weights, query baseline, normalisation, clipping; see reward_compose)."""
-    if callable(reward):
-        return reward
-    if not isinstance(reward, str) or not reward:
-        raise ValueError("no reward given: pass a callable, `package.module:function`, a reward-model folder or "
-                         "a YAML reward spec")
-    if Path(reward).is_dir():
-        return RewardModel(reward, device=device, batch_size=batch_size)
-    if Path(reward).suffix in (".yaml", ".yml"):
-        from tether.models.reward_compose import load_reward_spec  # it builds its components with this function
-
-        return load_reward_spec(reward, device=device, batch_size=batch_size)
-    if ":" not in reward:
-        raise ValueError(f"reward {reward!r} is neither `package.module:function` nor an existing folder "
-                         f"(nor a .yaml reward spec)")
+def import_reward(reward: str) -> RewardFn:
+    """The function a `package.module:function` string names, imported (the current folder on sys.path)."""
     module_name, _, attr = reward.partition(":")
     if os.getcwd() not in sys.path:  # the `tether` script's sys.path starts at its bin/, not at the user's folder
         sys.path.insert(0, os.getcwd())

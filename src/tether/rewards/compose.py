@@ -18,12 +18,13 @@ so `clip: 3` means three running standard deviations, whatever the reward's own 
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import yaml
 
-from tether.models.rewards import RewardError, RewardFn, resolve_reward, score_batch
+from tether.rewards.base import RewardError, RewardFn, score_batch
 from tether.ops.rewards import RunningMoments
 
 
@@ -79,7 +80,7 @@ def _every_process(values: list[float]) -> list[float]:
     """Every process's values in rank order when a process group is running; else `values`."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return values
-    from tether.distributed import gather_lists
+    from tether.collectives import gather_lists
 
     return gather_lists(values)
 
@@ -181,9 +182,10 @@ def spec_errors(spec) -> list[str]:
     return problems
 
 
-def load_reward_spec(path: str | Path, device: torch.device | str = "cpu", batch_size: int = 16) -> WeightedSum:
-    """Build the combined reward a YAML spec describes. Component rewards are resolved like PPOConfig.reward
-    (paths relative to the current folder, as every other path in a tether config)."""
+def load_reward_spec(path: str | Path, resolve: Callable[[str], RewardFn]) -> WeightedSum:
+    """Build the combined reward a YAML spec describes. resolve: turns each component's `reward` string into
+    a reward, like PPOConfig.reward (`tether.rewards.resolve_reward` with the device and batch size bound;
+    paths relative to the current folder, as every other path in a tether config)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reward spec {str(path)!r} does not exist")
@@ -197,7 +199,7 @@ def load_reward_spec(path: str | Path, device: torch.device | str = "cpu", batch
     components = []
     for i, comp in enumerate(spec["components"]):
         try:
-            reward = resolve_reward(comp["reward"], device=device, batch_size=batch_size)
+            reward = resolve(comp["reward"])
         except (ValueError, TypeError, FileNotFoundError) as err:
             raise type(err)(f"reward spec {str(path)!r}, components[{i}]: {err}") from err
         reward = compose(reward, comp.get("query_baseline", False), comp.get("normalize", False), comp.get("clip"))

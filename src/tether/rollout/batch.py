@@ -1,0 +1,44 @@
+"""What a trainer step carries from sampling to the update: the sampled token ids, then one `Rollouts` batch
+that the step's functions fill in order (scoring, then scores and advantages) and read from."""
+
+from dataclasses import dataclass, fields, replace
+
+from torch import Tensor
+
+
+@dataclass
+class Generation:
+    queries: list[Tensor]  # each (P_i,) prompt ids, unpadded
+    responses: list[Tensor]  # each (T_i,) sampled ids up to and including the first EOS
+    texts: list[str]  # decoded responses
+
+
+@dataclass
+class Rollouts:
+    """One step's rollouts. B rows, P prompt and T response positions; every (B, T) tensor is 0 outside `mask`.
+    pi_old is the policy that sampled, under the sampler's processing; ref the frozen reference at the sampling
+    temperature."""
+
+    # what was sampled
+    query_ids: Tensor  # (B, P) left-padded prompt ids
+    query_mask: Tensor  # (B, P)
+    response_ids: Tensor  # (B, T) a_t, right-padded
+    mask: Tensor  # (B, T) response mask: up to and including the first EOS
+    # scored once after sampling (trainers/scoring.py)
+    logprobs: Tensor  # (B, T) log pi_old(a_t | s_t), sampling-processed: the behaviour log-probs
+    ref_logprobs: Tensor  # (B, T) log ref_T(a_t | s_t)
+    flipped: Tensor  # (B, T) bool: sampled at a top-k/top-p boundary, outside the replayed support by round-off
+    values: Tensor | None  # (B, T) V_old(s_t); None for critic-free algorithms
+    kl: Tensor  # (B, T) the configured estimator (with kl_in_loss on log pi_T, untruncated, as the loss term)
+    kl_exact: Tensor  # (B, T) KL(pi_old(.|s_t) || ref_T(.|s_t)) over the vocabulary, >= 0
+    entropy: Tensor  # (B, T) H(pi_old(.|s_t)) of the processed sampling distribution
+    # from the reward (the step, then the algorithm)
+    scores: Tensor | None = None  # (B,) processed scores r
+    advantages: Tensor | None = None  # (B, T) A_t (whitened when whiten_advantages)
+    returns: Tensor | None = None  # (B, T) value targets; None without a critic
+    non_score: Tensor | None = None  # (B, T) the KL part of the per-token reward, -beta * KL_t (0 in the loss)
+
+    def rows(self, index: Tensor) -> "Rollouts":
+        """The same batch restricted to rows `index` (every tensor field along its first dimension)."""
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)
+                                if getattr(self, f.name) is not None})

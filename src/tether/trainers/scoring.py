@@ -1,0 +1,77 @@
+"""Step 3, and the log-prob every update recomputes: the policy's log-probs of its sampled tokens under the
+sampler's processing replayed on teacher-forced logits (docs/kl.md, "The rule").
+
+`policy_logprobs` is the one function for both: `score_rollouts` calls it once per micro-batch without
+gradients (with the reference's logits, so that entropy and the exact KL come from the same log-softmax), and
+the update calls it on every micro-batch with gradients."""
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from tether.ops import gather_logprobs
+from tether.ops.logprobs import TokenStats, token_stats
+from tether.ops.masks import response_mask
+from tether.rollout import Sampler
+from tether.rollout.batch import Rollouts
+from tether.trainers.batching import left_pad, right_pad
+
+Forward = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor | None]]  # (q_ids, q_mask, r_ids) -> logits, values
+
+
+def policy_logprobs(sampler: Sampler, logits: Tensor, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor,
+                    flipped: Tensor | None = None, ref_logits: Tensor | None = None, mask: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor, TokenStats | None]:
+    """log pi(a_t | s_t) (B, T) of the sampled tokens under the replayed processing, with `flipped` and, when
+    scoring (ref_logits and mask given, no grad), the token statistics of both sides.
+
+    A token sampled right at a top-k / top-p boundary can land outside the replayed support by float round-off
+    (cached vs teacher-forced forward): scoring finds those (`flipped`) and they are scored untruncated instead of
+    -inf, at rollout time and in every update alike, so their ratio starts at 1."""
+    ids = torch.cat([query_ids, response_ids], 1)
+    scores = sampler.sequence_scores(logits, ids, torch.cat([query_mask, torch.ones_like(response_ids)], 1))
+    stats = None
+    if ref_logits is None:
+        logprobs = gather_logprobs(scores, response_ids)
+    else:
+        stats = token_stats(scores, sampler.reference_scores(ref_logits), response_ids)  # one log-softmax per side
+        logprobs = stats.logprobs
+        flipped = ~torch.isfinite(logprobs) & mask.bool()
+    if flipped.any():
+        logprobs = torch.where(flipped, gather_logprobs(sampler.reference_scores(logits), response_ids), logprobs)
+    return logprobs, flipped, stats
+
+
+def kl_logprobs(sampler: Sampler, logits: Tensor, logprobs: Tensor, response_ids: Tensor) -> Tensor:
+    """log pi_T(a_t | s_t), the policy at the sampling temperature, untruncated: what the KL term of the loss
+    compares with the reference (`losses.ppo.kl_penalty` says why). `logprobs` (the sampling-processed
+    log-probs) already are that when the sampler does nothing beyond the temperature."""
+    if sampler.only_temperature:
+        return logprobs
+    return gather_logprobs(sampler.reference_scores(logits), response_ids)
+
+
+@torch.no_grad()
+def score_rollouts(forward: Forward, ref_forward: Callable[[Tensor, Tensor, Tensor], Tensor], sampler: Sampler,
+                   estimator, kl_in_loss: bool, queries: list[Tensor], responses: list[Tensor], pad_token_id: int,
+                   eos_token_ids: list[int], micro: int, device: torch.device) -> Rollouts:
+    """3. Policy log-probs and values, reference log-probs, KL and entropy, `micro` rows at a time (bounded
+    memory). forward: the trained module (logits, values); ref_forward: the reference's logits."""
+    q_ids, q_mask = (t.to(device) for t in left_pad(queries, pad_token_id))
+    r_ids, r_len_mask = (t.to(device) for t in right_pad(responses, pad_token_id))
+    mask = response_mask(r_ids, eos_token_ids) * r_len_mask
+    parts = []
+    for idx in torch.arange(len(queries), device=device).split(micro):
+        logits, values = forward(q_ids[idx], q_mask[idx], r_ids[idx])
+        ref_logits = ref_forward(q_ids[idx], q_mask[idx], r_ids[idx])
+        logprobs, flipped, stats = policy_logprobs(sampler, logits, q_ids[idx], q_mask[idx], r_ids[idx],
+                                                   ref_logits=ref_logits, mask=mask[idx])
+        kl = estimator.fn(kl_logprobs(sampler, logits, logprobs, r_ids[idx]) if kl_in_loss else logprobs,
+                          stats.ref_logprobs)
+        parts.append((logprobs, stats.ref_logprobs, values, kl, stats.kl, stats.entropy, flipped))
+    # where, not multiply: after-EOS padding can score -inf under top-k replay, and -inf * 0 is nan
+    *tensors, flipped = (torch.cat(p) if p[0] is not None else None for p in zip(*parts))
+    logprobs, ref_logprobs, values, kl, kl_exact, entropy = (
+        None if t is None else torch.where(mask.bool(), t, 0.0) for t in tensors)
+    return Rollouts(q_ids, q_mask, r_ids, mask, logprobs, ref_logprobs, flipped, values, kl, kl_exact, entropy)
