@@ -59,3 +59,20 @@ def test_the_table_drives_the_config_and_the_cli():
     assert set(algorithm_commands()) <= set(subcommands)
     with pytest.raises(ValueError, match=r"algorithm='toy' is not one of \['grpo', 'ppo', 'reinforce\+\+', 'rloo'\]"):
         PPOConfig(algorithm="toy")
+
+
+def test_register_refuses_a_taken_name_or_command():
+    from tether.algorithms import Algorithm, register
+
+    ppo = ALGORITHMS["ppo"]
+    with pytest.raises(ValueError, match=r"algorithm 'ppo' \(command 'ppo'\): the name or the command is taken"):
+        register(ppo)
+    with pytest.raises(ValueError, match="the name or the command is taken"):
+        register(Algorithm("other", "demo", "h", "d", ppo.advantages, defaults=ppo.defaults))
+    assert set(ALGORITHMS) == {"ppo", "grpo", "rloo", "reinforce++"}
+
+
+def test_num_generations_of_zero_is_one_error_not_two():
+    with pytest.raises(ValueError) as err:
+        PPOConfig(num_generations=0)
+    assert "num_generations=0 must be > 0" in str(err.value) and "compares completions" not in str(err.value)

@@ -46,6 +46,10 @@ def register(algorithm: Algorithm) -> Algorithm:
     missing = {"num_generations", "kl_in_loss", "whiten_advantages"} - set(algorithm.defaults)
     if missing:
         raise ValueError(f"algorithm {algorithm.name!r}: defaults must give {sorted(missing)}")
+    taken = {a.command for a in ALGORITHMS.values()} | {"demo", "report", "reward", "inspect-reward"}
+    if algorithm.name in ALGORITHMS or algorithm.command in taken:
+        raise ValueError(f"algorithm {algorithm.name!r} (command {algorithm.command!r}): the name or the command is "
+                         f"taken; in use: {sorted(ALGORITHMS)}, commands {sorted(taken)}")
     ALGORITHMS[algorithm.name] = algorithm
     return algorithm
 
@@ -93,7 +97,7 @@ def reinforce_pp_advantages(batch: Rollouts, scores: Tensor, kl_coef: float, c, 
 
 
 _PER_TOKEN = ("whiten_rewards", "gamma", "lam")
-_ONE_NUMBER = "whose advantage is one number per completion"
+_ONE_NUMBER = "its advantage is one number per completion"
 register(Algorithm(
     "ppo", "ppo", "PPO on your model, prompts and reward", "Train a causal LM with PPO against a reward.",
     ppo_advantages, uses_critic=True,

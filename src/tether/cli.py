@@ -15,7 +15,6 @@ from tether.trainers.guards import TrainingHalted
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # PPOConfig's field docstrings become --help
 
 
-
 def algorithm_commands() -> dict[str, str]:
     """`tether <command>` -> PPOConfig.algorithm, for every entry of the algorithm table (read when used, so a
     method registered before the parser is built gets its subcommand)."""

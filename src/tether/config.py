@@ -278,11 +278,12 @@ def _algorithm_errors(c: PPOConfig) -> list[str]:
     if c.num_generations > 0 and c.batch_size % c.num_generations:
         problems.append(f"num_generations={c.num_generations} does not divide batch_size={c.batch_size}")
     algorithm = ALGORITHMS[c.algorithm]
-    if c.num_generations < algorithm.min_generations:
+    if algorithm.min_generations > 1 and c.num_generations < algorithm.min_generations:
         problems.append(f"{c.algorithm} compares completions of the same prompt: num_generations must be >= "
                         f"{algorithm.min_generations}, got {c.num_generations}")
     if c.critic != "shared" and not algorithm.uses_critic:
-        problems.append(f"critic={c.critic!r}: only ppo uses a critic; {c.algorithm} is critic-free")
+        users = " and ".join(sorted(a.name for a in ALGORITHMS.values() if a.uses_critic))
+        problems.append(f"critic={c.critic!r}: only {users} uses a critic; {c.algorithm} is critic-free")
     if c.kl_in_loss and c.kl_estimator in ("kl", "k1"):
         problems.append(f"kl_in_loss with kl_estimator={c.kl_estimator}: the expected gradient of k1 is zero (the "
                         f"score function has mean zero), so it would not hold the policy; use k3 (the default "

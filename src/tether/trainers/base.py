@@ -127,7 +127,7 @@ class RLTrainer:
                       "kl_ctl": self.kl_ctl, "score_moments": self.score_moments, "faults": self.faults,
                       # under DeepSpeed and FSDP the optimiser states are sharded: each process writes its own
                       **({"optimizer": self.optimizer} if not self.ranks.sharded_state else {}),
-                      **({"reward": self.reward} if hasattr(self.reward, "state_dict") else {})}
+                      **({"reward": self.reward} if hasattr(self.reward, "load_state_dict") else {})}
 
     @property
     def step_count(self) -> int:

@@ -127,7 +127,7 @@ RESUMABLE_CHANGES = {"steps", "resume", "checkpoint_every", "keep_checkpoints", 
 def capture_state(config, parts: dict) -> dict:
     """Everything besides the weights that the next step depends on: each part's state_dict, by name. The
     progress part's keys sit at the top level, as in the first checkpoints tether wrote (which still resume)."""
-    return {"config": config.to_dict(), **parts["progress"].state_dict(),
+    return {"config": config.to_dict(), "reward": None, **parts["progress"].state_dict(),  # reward: a stateless one
             **{name: part.state_dict() for name, part in parts.items() if name != "progress"}}
 
 

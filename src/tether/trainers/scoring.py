@@ -35,10 +35,11 @@ def policy_logprobs(sampler: Sampler, logits: Tensor, query_ids: Tensor, query_m
     if ref_logits is None:
         logprobs = gather_logprobs(scores, response_ids)
     else:
+        assert mask is not None, "scoring (ref_logits given) needs the response mask"
         stats = token_stats(scores, sampler.reference_scores(ref_logits), response_ids)  # one log-softmax per side
         logprobs = stats.logprobs
         flipped = ~torch.isfinite(logprobs) & mask.bool()
-    if flipped.any():
+    if flipped is not None and flipped.any():
         logprobs = torch.where(flipped, gather_logprobs(sampler.reference_scores(logits), response_ids), logprobs)
     return logprobs, flipped, stats
 
