@@ -37,8 +37,10 @@ def test_kl_term_of_a_token_outside_the_truncated_support_by_hand():
     ref = gather_logprobs(sampler.reference_scores(torch.zeros(1, 1, 3)), token)
     assert_close64(policy, [[-2.4076059644]], atol=1e-6)
     for estimator, expected in ((kl_k3, 1.3934523000), (kl_mse, 0.5 * 1.3089936758**2), (kl_abs, 1.3089936758)):
-        loss, stats = kl_penalty(policy, ref, mask, estimator, scale=0.5)
-        assert_close64(stats["loss"], expected, atol=1e-6)
+        loss, stats = kl_penalty(policy, ref, mask, estimator)
+        assert_close64(loss, expected, atol=1e-6)
+        loss, stats = kl_penalty(policy, ref, mask, estimator, weights=0.5 * mask)  # half the minibatch's weight
+        assert_close64(stats["loss"], 0.5 * expected, atol=1e-6)
         assert_close64(loss, 0.5 * expected, atol=1e-6)
 
 
@@ -55,7 +57,8 @@ def test_trainer_kl_term_is_the_untruncated_formula_when_tokens_left_the_support
         for p in trainer.policy.model.transformer.h.parameters():
             p.add_(0.5 * torch.randn_like(p, dtype=torch.float32))
     batch = replace(batch, advantages=torch.zeros_like(batch.mask))
-    loss, parts = micro_loss(trainer.learner, batch.rows(torch.arange(8)), 1.0, 1.0)
+    token_mean = batch.mask / batch.mask.sum()
+    loss, parts = micro_loss(trainer.learner, batch.rows(torch.arange(8)), 1.0, token_mean, token_mean)
     assert parts["ppo/policy/"]["left_support_frac"] > 0.2  # the case at hand, not a lucky batch
     assert torch.isfinite(loss)
     with torch.no_grad():

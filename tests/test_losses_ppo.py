@@ -61,12 +61,14 @@ def test_policy_loss_gradient_zero_at_clipped_and_masked_positions():
     close(logprobs.grad, [[0.0, -0.1, 0.44, 0.0], [0.0, -0.6, 0.0, 0.0]])
 
 
-def test_policy_loss_scale_multiplies_loss_only():
+def test_policy_loss_weights_scale_the_loss_not_the_statistics():
+    # a micro-batch holding a quarter of the minibatch's weight: weights = 0.25 * mask / 5
     logprobs, old, adv, mask = _policy_inputs()
-    loss, stats = policy_loss(logprobs, old, adv, mask, cliprange=0.2, scale=0.25)
+    loss, stats = policy_loss(logprobs, old, adv, mask, cliprange=0.2, weights=0.25 * mask / 5)
     loss.backward()
     close(loss.detach(), -0.34 * 0.25)  # -0.085
-    close(stats["loss"], -0.34)  # stats stay unscaled
+    close(stats["loss"], -0.085)  # the loss's share: the shares of a minibatch's micro-batches add up
+    # the diagnostics are token means under stat_weights (default: over the mask), not scaled
     close(stats["clipfrac"], 0.4)
     close(stats["approxkl"], 0.1134392012)
     close(logprobs.grad, [[0.0, -0.025, 0.11, 0.0], [0.0, -0.15, 0.0, 0.0]])  # grads x 0.25
@@ -118,12 +120,12 @@ def test_value_loss_hand_values():
     close(values.grad, [[0.0, 0.5 / 3, -2.0 / 3, 0.0]])
 
 
-def test_value_loss_scale_multiplies_loss_only():
+def test_value_loss_weights_scale_the_loss_not_the_statistics():
     values, old, returns, mask = _value_inputs()
-    loss, stats = value_loss(values, old, returns, mask, cliprange_value=0.2, scale=2.0)
+    loss, stats = value_loss(values, old, returns, mask, cliprange_value=0.2, weights=2.0 * mask / 3)
     loss.backward()
     close(loss.detach(), 1.98)
-    close(stats["loss"], 0.99)
+    close(stats["loss"], 1.98)
     close(stats["clipfrac"], 1 / 3)
     close(values.grad, [[0.0, 1.0 / 3, -4.0 / 3, 0.0]])
 

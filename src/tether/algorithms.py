@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from tether.ops import gae, group_centred, group_normalised, leave_one_out, masked_whiten
+from tether.ops.advantages import batch_scaled
 from tether.ops.rewards import shape_rewards
 from tether.rollout.batch import Rollouts
 
@@ -34,8 +35,8 @@ class Algorithm:
     uses_critic: bool = False
     defaults: dict = field(default_factory=dict)  # num_generations, kl_in_loss, whiten_advantages when left unset
     min_generations: int = 1  # completions per prompt it needs (2 for methods that compare them)
-    inert_keys: tuple[str, ...] = ()  # keys that do nothing for it: refused when set away from their default
-    inert_why: str = ""  # why, for the refusal
+    inert: dict[str, str] = field(default_factory=dict)  # keys that do nothing for it -> why (refused when set
+    # away from their default)
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
@@ -72,9 +73,19 @@ def sequence_advantages(batch: Rollouts, scores: Tensor, kl_coef: float, baselin
     return advantages[:, None] * batch.mask, None, non_score
 
 
+# scale_rewards: (rewards (B,), G, all_reduce) -> advantages (B,)
+GROUP_SCALINGS = {
+    "group": lambda r, G, all_reduce: group_normalised(r, G),  # the GRPO paper
+    "batch": batch_scaled,  # TRL's scale_rewards="batch" (Hu et al. 2025, REINFORCE++'s global std)
+    "none": lambda r, G, all_reduce: group_centred(r, G),  # Dr. GRPO (Liu et al. 2025): no std division
+}
+
+
 def grpo_advantages(batch: Rollouts, scores: Tensor, kl_coef: float, c, all_reduce) -> Advantages:
-    """GRPO (Shao et al. 2024, DeepSeekMath sec. 4.1): the reward standardised within its prompt's group."""
-    return sequence_advantages(batch, scores, kl_coef, lambda r: group_normalised(r, c.num_generations))
+    """GRPO (Shao et al. 2024, DeepSeekMath sec. 4.1): the reward minus its prompt's group mean, divided by the
+    group's std (or as scale_rewards says)."""
+    scale = GROUP_SCALINGS[c.scale_rewards]
+    return sequence_advantages(batch, scores, kl_coef, lambda r: scale(r, c.num_generations, all_reduce))
 
 
 def rloo_advantages(batch: Rollouts, scores: Tensor, kl_coef: float, c, all_reduce) -> Advantages:
@@ -96,27 +107,27 @@ def reinforce_pp_advantages(batch: Rollouts, scores: Tensor, kl_coef: float, c, 
     return returns_to_go, None, non_score
 
 
-_PER_TOKEN = ("whiten_rewards", "gamma", "lam")
-_ONE_NUMBER = "its advantage is one number per completion"
+_SCALE = {"scale_rewards": "scale_rewards is grpo's group baseline"}
+_PER_TOKEN = {k: "its advantage is one number per completion" for k in ("whiten_rewards", "gamma", "lam")}
 register(Algorithm(
     "ppo", "ppo", "PPO on your model, prompts and reward", "Train a causal LM with PPO against a reward.",
     ppo_advantages, uses_critic=True,
-    defaults={"num_generations": 1, "kl_in_loss": False, "whiten_advantages": True}))
+    defaults={"num_generations": 1, "kl_in_loss": False, "whiten_advantages": True}, inert=_SCALE))
 register(Algorithm(
     "grpo", "grpo", "GRPO (critic-free)",
     "GRPO: no critic; completions of one prompt are compared within their group (mean/std). Same keys as "
     "`tether ppo`; defaults: num_generations 4, KL in the loss (k3).", grpo_advantages,
     defaults={"num_generations": 4, "kl_in_loss": True, "whiten_advantages": False}, min_generations=2,
-    inert_keys=_PER_TOKEN, inert_why=_ONE_NUMBER))
+    inert=_PER_TOKEN))
 register(Algorithm(
     "rloo", "rloo", "RLOO (critic-free)",
     "RLOO: no critic; each completion's baseline is the mean reward of its prompt's other completions. Same keys "
     "as `tether ppo`; defaults: num_generations 4, KL in the reward.", rloo_advantages,
     defaults={"num_generations": 4, "kl_in_loss": False, "whiten_advantages": False}, min_generations=2,
-    inert_keys=_PER_TOKEN, inert_why=_ONE_NUMBER))
+    inert=_PER_TOKEN | _SCALE))
 register(Algorithm(
     "reinforce++", "reinforce-pp", "REINFORCE++ (critic-free)",
     "REINFORCE++: no critic; per-token returns with the KL in the reward, whitened over the batch. Same keys as "
     "`tether ppo`.", reinforce_pp_advantages,
-    defaults={"num_generations": 1, "kl_in_loss": False, "whiten_advantages": True}, inert_keys=("lam",),
-    inert_why="returns-to-go, no critic"))
+    defaults={"num_generations": 1, "kl_in_loss": False, "whiten_advantages": True},
+    inert={"lam": "returns-to-go, no critic"} | _SCALE))

@@ -130,10 +130,53 @@ class PPOConfig:
     whiten_advantages: bool | None = None
     """Whiten advantages over the batch (default: true for ppo and reinforce++, false for grpo and rloo,
     whose group baselines already centre them)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """grpo's baseline: each reward minus its group's mean, divided by the group's std (group; the GRPO paper),
+    by the whole batch's std (batch; TRL's scale_rewards="batch"), or not divided (none; Dr. GRPO)."""
+    overlong: Literal["none", "mask", "soft"] = "none"
+    """Completions that run long: none; mask (those cut at max_new_tokens without EOS are left out of the loss:
+    DAPO's overlong filtering, TRL's mask_truncated_completions); soft (DAPO's soft overlong punishment: the score
+    loses overlong_penalty * (length - (max_new_tokens - overlong_buffer)) / overlong_buffer inside the last
+    overlong_buffer tokens)."""
+    overlong_buffer: int = 0
+    """With overlong=soft: how many tokens before max_new_tokens the length penalty starts (0 < it < max_new_tokens)."""
+    overlong_penalty: float = 1.0
+    """With overlong=soft: the penalty at max_new_tokens, in the reward's units (DAPO: 1)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (Yu et al. 2025): groups whose completions all got the same score (zero advantage:
+    nothing to learn) are dropped and more prompts are sampled until the batch is full; needs num_generations >= 2."""
+    dynamic_sampling_max_rounds: int = 3
+    """The most extra generation rounds per step for dynamic_sampling. When they run out, the batch is filled with
+    dropped groups left out of the loss (counted in dynamic_sampling/filled_groups), never trained on."""
 
     # --- PPO loss ---------------------------------------------------------------------------
     cliprange: float = 0.2
-    """Policy ratio clip epsilon."""
+    """Policy ratio clip epsilon: the ratio is clipped to [1 - cliprange_low, 1 + cliprange_high], both cliprange
+    unless set."""
+    cliprange_low: float | None = None
+    """Lower clip epsilon (default: cliprange); < 1. TRL's epsilon."""
+    cliprange_high: float | None = None
+    """Upper clip epsilon (default: cliprange); above cliprange_low is DAPO's clip-higher (DAPO: 0.28 with 0.2).
+    TRL's epsilon_high, veRL's clip_ratio_high. With policy_loss=cispo, the importance weight's cap is
+    1 + cliprange_high."""
+    dual_clip: float | None = None
+    """Dual-clip PPO (Ye et al. 2020): for a negative advantage the loss is at most -A * dual_clip (> 1; veRL's
+    clip_ratio_c, 3 there). Unset: off."""
+    importance_ratio: Literal["token", "sequence"] = "token"
+    """token: one ratio per token (PPO); sequence: GSPO's length-normalised sequence ratio on every token of the
+    completion (Zheng et al. 2025; TRL's importance_sampling_level). GSPO's own clip range is small (3e-4 / 4e-4)."""
+    policy_loss: Literal["ppo", "cispo"] = "ppo"
+    """ppo: the clipped surrogate; cispo: MiniMax-M1's clipped, detached importance weight times the log-prob
+    (every token keeps a gradient; TRL's loss_type="cispo")."""
+    loss_aggregation: Literal["token_mean", "sequence_mean", "sequence_sum_norm"] = "token_mean"
+    """How per-token losses of a minibatch become one: token_mean (every token alike; DAPO, veRL token-mean),
+    sequence_mean (per-sequence means, then their mean; the GRPO paper), sequence_sum_norm (per-sequence sums
+    divided by loss_norm_constant, then their mean; Dr. GRPO). Applies to every term of the loss."""
+    loss_norm_constant: int | None = None
+    """The divisor of sequence_sum_norm (default: max_new_tokens)."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus in the loss: minus entropy_coef times the (aggregated) entropy of the sampling
+    distribution at every response token; 0 = off (it costs a log-softmax with gradients)."""
     cliprange_value: float = 0.2
     """Value prediction clip around the rollout-time value."""
     vf_coef: float = 0.1
@@ -199,7 +242,13 @@ class PPOConfig:
                 object.__setattr__(self, key, value)
         if self.kl_estimator is None:
             object.__setattr__(self, "kl_estimator", "k3" if self.kl_in_loss else "kl")
-        errors = list(_errors(self))
+        errors = ["cliprange_low with policy_loss=cispo: CISPO caps its importance weight from above only "
+                  "(1 + cliprange_high); leave cliprange_low unset"] if (
+            self.policy_loss == "cispo" and self.cliprange_low is not None) else []
+        for key in ("cliprange_low", "cliprange_high"):  # unset: cliprange
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, self.cliprange)
+        errors += list(_errors(self))
         if errors:
             raise ValueError("invalid PPOConfig:\n  - " + "\n  - ".join(errors))
         if not self.kl_in_loss and self.kl_estimator in BIASED_IN_REWARD and self.init_kl_coef > 0:
@@ -266,6 +315,7 @@ def _errors(c: PPOConfig):
     if (c.whiten_advantages or c.whiten_rewards) and c.batch_size == 1:
         problems.append("batch_size=1 cannot be whitened (a one-token response leaves one value); use batch_size >= 2 "
                         "or set whiten_advantages=false and whiten_rewards=false")
+    problems.extend(_loss_errors(c))
     problems.extend(scheduler_and_device_errors(c))
     from tether.rollout.sampling import generation_kwargs_errors  # the rules live beside the sampler
 
@@ -289,10 +339,62 @@ def _algorithm_errors(c: PPOConfig) -> list[str]:
                         f"score function has mean zero), so it would not hold the policy; use k3 (the default "
                         f"there) or mse")
     defaults = {f.name: f.default for f in fields(PPOConfig)}
-    for key in algorithm.inert_keys:
+    for key, why in algorithm.inert.items():
         if getattr(c, key) != defaults[key]:
-            problems.append(f"{key}={getattr(c, key)!r} does nothing for {c.algorithm} ({algorithm.inert_why}); "
-                            f"leave it unset")
+            problems.append(f"{key}={getattr(c, key)!r} does nothing for {c.algorithm} ({why}); leave it unset")
+    return problems
+
+
+def _loss_errors(c: PPOConfig) -> list[str]:
+    """The loss menu's keys (docs/algorithms.md, "The loss menu"): values, and the combinations that cannot work."""
+    problems = []
+    choices = {"scale_rewards": ("group", "batch", "none"), "overlong": ("none", "mask", "soft"),
+               "importance_ratio": ("token", "sequence"), "policy_loss": ("ppo", "cispo"),
+               "loss_aggregation": ("token_mean", "sequence_mean", "sequence_sum_norm")}
+    for key, allowed in choices.items():
+        if getattr(c, key) not in allowed:
+            problems.append(f"{key}={getattr(c, key)!r} is not one of {list(allowed)}")
+    for key in ("cliprange_low", "cliprange_high"):
+        value = getattr(c, key)
+        if not (isinstance(value, (int, float)) and value > 0):
+            problems.append(f"{key}={value!r} must be > 0")
+    if isinstance(c.cliprange_low, (int, float)) and c.cliprange_low >= 1 and c.policy_loss == "ppo":
+        problems.append(f"cliprange_low={c.cliprange_low!r} must be < 1 (the ratio's lower bound 1 - cliprange_low "
+                        f"must stay positive)")
+    if c.dual_clip is not None:
+        if not c.dual_clip > 1:
+            problems.append(f"dual_clip={c.dual_clip!r} must be > 1 (it bounds the loss at -A * dual_clip for a "
+                            f"negative advantage; 3 in veRL)")
+        if c.importance_ratio == "sequence":
+            problems.append("dual_clip with importance_ratio=sequence: GSPO clips the sequence ratio in a range of "
+                            "about 1e-3, where a bound at a ratio > 1 never acts; leave dual_clip unset")
+        if c.policy_loss == "cispo":
+            problems.append("dual_clip with policy_loss=cispo: CISPO has no clipped surrogate to bound; leave "
+                            "dual_clip unset")
+    if c.policy_loss == "cispo" and c.importance_ratio == "sequence":
+        problems.append("policy_loss=cispo with importance_ratio=sequence: CISPO weights each token's log-prob by "
+                        "its own capped ratio; use importance_ratio=token (or policy_loss=ppo for GSPO)")
+    if c.loss_norm_constant is not None:
+        if c.loss_aggregation != "sequence_sum_norm":
+            problems.append(f"loss_norm_constant={c.loss_norm_constant!r} is only used by "
+                            f"loss_aggregation=sequence_sum_norm (got {c.loss_aggregation})")
+        elif not c.loss_norm_constant > 0:
+            problems.append(f"loss_norm_constant={c.loss_norm_constant!r} must be > 0")
+    if not c.entropy_coef >= 0:
+        problems.append(f"entropy_coef={c.entropy_coef!r} must be >= 0")
+    if c.overlong == "soft":
+        if not 0 < c.overlong_buffer < c.max_new_tokens:
+            problems.append(f"overlong=soft needs 0 < overlong_buffer < max_new_tokens, got overlong_buffer="
+                            f"{c.overlong_buffer} with max_new_tokens={c.max_new_tokens}")
+        if not c.overlong_penalty > 0:
+            problems.append(f"overlong_penalty={c.overlong_penalty!r} must be > 0")
+    elif c.overlong_buffer != 0 or c.overlong_penalty != 1.0:
+        problems.append(f"overlong_buffer / overlong_penalty only act with overlong=soft (got overlong={c.overlong})")
+    if c.dynamic_sampling and c.num_generations is not None and c.num_generations < 2:
+        problems.append(f"dynamic_sampling with num_generations={c.num_generations}: it drops groups whose "
+                        f"completions all scored the same, which needs num_generations >= 2")
+    if c.dynamic_sampling_max_rounds < 0:
+        problems.append(f"dynamic_sampling_max_rounds={c.dynamic_sampling_max_rounds!r} must be >= 0")
     return problems
 
 

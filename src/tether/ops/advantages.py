@@ -3,6 +3,8 @@
 import torch
 from torch import Tensor
 
+from tether.ops.masks import masked_var
+
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """GAE over response tokens.
@@ -55,3 +57,11 @@ def group_centred(scores: Tensor, group_size: int) -> Tensor:
     """r_i minus its prompt's mean score (REINFORCE++ with a baseline). (B,) -> (B,)."""
     g = _groups(scores, group_size)
     return (g - g.mean(-1, keepdim=True)).reshape(-1)
+
+
+def batch_scaled(scores: Tensor, group_size: int, all_reduce=None, eps: float = 1e-6) -> Tensor:
+    """(r_i - mean(group)) / (std(batch) + eps): centred in its group, scaled by the std of every score in the
+    batch (on every process, through `all_reduce`, a sum over processes), with Bessel's correction. TRL's
+    scale_rewards="batch". (B,) -> (B,)."""
+    var = masked_var(scores, torch.ones_like(scores), unbiased=True, all_reduce=all_reduce)
+    return group_centred(scores, group_size) / (var.sqrt() + eps)

@@ -37,6 +37,13 @@ class Rollouts:
     advantages: Tensor | None = None  # (B, T) A_t (whitened when whiten_advantages)
     returns: Tensor | None = None  # (B, T) value targets; None without a critic
     non_score: Tensor | None = None  # (B, T) the KL part of the per-token reward, -beta * KL_t (0 in the loss)
+    loss_mask: Tensor | None = None  # (B, T) the tokens the loss trains on, when not all of `mask`: rows left out
+    # (overlong: mask, the zero-variance fill of dynamic sampling) are 0
+
+    @property
+    def train_mask(self) -> Tensor:
+        """The tokens the update's loss sees: `loss_mask`, or every response token."""
+        return self.mask if self.loss_mask is None else self.loss_mask
 
     def rows(self, index: Tensor) -> "Rollouts":
         """The same batch restricted to rows `index` (every tensor field along its first dimension)."""

@@ -31,11 +31,12 @@ from tether.ops import get_estimator, masked_whiten
 from tether.ops.kl_control import AdaptiveKLController, FixedKLController
 from tether.ops.rewards import RunningMoments, process_scores
 from tether.report import build_report
-from tether.rewards import accepted_keywords, score_batch
+from tether.rewards import accepted_keywords
 from tether.rollout import Sampler
 from tether.rollout.batch import Generation, Rollouts
 from tether.trainers.assemble import build_models
 from tether.trainers.batching import left_pad
+from tether.trainers.collect import collect, length_shaped, loss_rows
 from tether.trainers.checkpoint import maybe_resume, save_trained, write_checkpoint
 from tether.trainers.guards import FaultCounter, warn_if_negative_kl
 from tether.trainers.metrics import gather_per_sequence, kl_per_sequence, step_metrics
@@ -43,7 +44,7 @@ from tether.trainers.optimise import Learner, optimise
 from tether.trainers.run import NoLog, RunLogger
 from tether.trainers.scoring import score_rollouts
 from tether.trainers.setup import (autocast_dtype, check_compile, check_step_inputs, check_token_rows, encode_prompt,
-                                   ended, eos_ids, keep_freed_memory, load_tokenizer, make_adamw, seed_everything)
+                                   eos_ids, keep_freed_memory, load_tokenizer, make_adamw, seed_everything)
 from tether.trainers.state import Progress, RandomState
 
 log = logging.getLogger("tether")
@@ -161,17 +162,21 @@ class RLTrainer:
         num_generations = G > 1, rows k*G .. k*G + G - 1 must be completions of the same prompt."""
         return self._step(queries, responses, scores)[0]
 
-    def _step(self, queries: list[Tensor], responses: list[Tensor], scores) -> tuple[dict[str, float], Tensor]:
-        """step(), and each completion's exact KL (B,) for the samples the run logs."""
+    def _step(self, queries: list[Tensor], responses: list[Tensor], scores, keep: Tensor | None = None
+              ) -> tuple[dict[str, float], Tensor]:
+        """step(), and each completion's exact KL (B,) for the samples the run logs. keep: (B,) bool, False on
+        rows left out of the loss (dynamic sampling's fill)."""
         t0 = time.perf_counter()
         c, comm = self.config, self.comm
         raw_scores = check_step_inputs(queries, responses, scores, self.local_batch, c.num_generations,
                                        self.vocab_size, f"batch_size={c.batch_size}{self._per_process}")
         if comm.any(not torch.isfinite(raw_scores).all()):  # skipped on every process together
             return self._skip_step(raw_scores), torch.full((len(raw_scores),), math.nan)
-        # TRL's missing_eos_penalty: a completion cut at max_new_tokens scores less than the reward said
-        scores = raw_scores - c.missing_eos_penalty * (~ended(responses, self.eos_token_ids)).float()
+        scores = length_shaped(c, raw_scores, responses, self.eos_token_ids)  # missing_eos_penalty, overlong
         batch = self.score(queries, responses)  # 3
+        rows = loss_rows(c, responses, self.eos_token_ids, keep)
+        if rows is not None:
+            batch = replace(batch, loss_mask=batch.mask * rows.to(self.device)[:, None])
         self.progress.support_flips += int(batch.flipped.sum())
         t_score = time.perf_counter()
         beta = self.kl_ctl.value
@@ -233,17 +238,11 @@ class RLTrainer:
         with RunLogger(c, total=c.steps, start=self.step_count) if comm.is_main else nullcontext(NoLog()) as run:
             while self.step_count < c.steps:
                 t0 = time.perf_counter()
-                G = c.num_generations
-                indices = [i for i in self.progress.next_prompts(c.batch_size // G, len(self.prompts)) for _ in range(G)]
-                indices = indices[comm.rank * self.local_batch:(comm.rank + 1) * self.local_batch]
-                prompts = [self.prompts[i] for i in indices]
-                gen = self.generate([self.encoded_prompts[i] for i in indices])  # 1
-                t_gen = time.perf_counter() - t0
-                info = {"ended": ended(gen.responses, self.eos_token_ids).tolist(),
-                        "completion_tokens": [len(r) for r in gen.responses]}
-                scores = score_batch(self.reward, prompts, gen.texts, {k: info[k] for k in self.reward_keywords})  # 2
-                stats, kl_per_seq = self._step(gen.queries, gen.responses, scores)  # 3-7
-                rows = comm.gather_lists(list(zip(prompts, gen.texts, map(float, scores), kl_per_seq.tolist(),
+                got = collect(self)  # 1-2
+                gen, t_gen = got.generation, time.perf_counter() - t0
+                stats, kl_per_seq = self._step(gen.queries, gen.responses, got.scores, got.keep)  # 3-7
+                stats.update(got.stats)
+                rows = comm.gather_lists(list(zip(got.prompts, gen.texts, got.scores.tolist(), kl_per_seq.tolist(),
                                                   map(len, gen.responses))))  # every process's rollouts, once
                 *logged, lengths = zip(*rows)
                 stats.update({"time/generate": t_gen, "time/step": time.perf_counter() - t0,

@@ -4,14 +4,16 @@
 uses that do not change between steps."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from tether.distributed import Ranks
+from tether.losses.aggregation import AGGREGATIONS
+from tether.losses.ppo import OBJECTIVES, RATIOS, entropy_bonus, kl_penalty, policy_loss, value_loss
 from tether.partition import rank_minibatches
-from tether.losses.ppo import kl_penalty, policy_loss, value_loss
 from tether.rollout import Sampler
 from tether.rollout.batch import Rollouts
 from tether.trainers.scoring import Forward, kl_logprobs, policy_logprobs
@@ -32,6 +34,18 @@ class Learner:
     local_minibatch: int
     device: torch.device
     shuffle_generator: torch.Generator  # minibatch partitions
+    # the loss's variants, chosen once from the config (docs/algorithms.md, "The loss menu")
+    policy_loss: object = field(init=False)  # policy_loss with its ratio, objective and clip bounds bound
+    aggregate: object = field(init=False)  # (loss mask, all_reduce) -> per-token weights
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self.policy_loss = partial(policy_loss, cliprange=c.cliprange_low, cliprange_high=c.cliprange_high,
+                                   dual_clip=c.dual_clip, ratio=RATIOS[c.importance_ratio],
+                                   objective=OBJECTIVES[c.policy_loss])
+        constant = c.loss_norm_constant or c.max_new_tokens
+        self.aggregate = partial(lambda rule, mask, all_reduce: rule(mask, all_reduce, constant),
+                                 AGGREGATIONS[c.loss_aggregation])
 
 
 def optimise(learner: Learner, b: Rollouts, beta: float) -> dict[str, float]:
@@ -39,7 +53,7 @@ def optimise(learner: Learner, b: Rollouts, beta: float) -> dict[str, float]:
     whose mean ratio exceeds ratio_threshold, is skipped without touching the weights."""
     c, g = learner.config, learner.ranks
     totals: dict[str, float] = {}
-    outcomes = {"ok": 0, "fault": 0, "ratio": 0}
+    outcomes = {"ok": 0, "fault": 0, "ratio": 0, "empty": 0}
     for _ in range(c.ppo_epochs):
         for mb in rank_minibatches(learner.local_batch, learner.local_minibatch, learner.shuffle_generator,
                                    g.rank, g.num):
@@ -53,41 +67,51 @@ def optimise(learner: Learner, b: Rollouts, beta: float) -> dict[str, float]:
     if c.kl_in_loss:
         stats["ppo/loss/kl"] = stats.pop("ppo/kl_loss/loss", math.nan)
         stats["ppo/loss/total"] += beta * stats["ppo/loss/kl"]
+    if c.entropy_coef > 0:
+        stats["ppo/loss/entropy"] = stats.pop("ppo/entropy_loss/loss", math.nan)
+        stats["ppo/loss/total"] += c.entropy_coef * stats["ppo/loss/entropy"]
     stats["faults/skipped_minibatches"] = float(outcomes["fault"])
     stats["ppo/skipped_ratio_minibatches"] = float(outcomes["ratio"])
+    stats["ppo/empty_minibatches"] = float(outcomes["empty"])
     return stats
 
 
 def update(learner: Learner, b: Rollouts, mb: Tensor, beta: float, totals: dict) -> str:
-    """One optimiser step on minibatch `mb` (this process's rows of it); micro-batches accumulate to the
-    global minibatch's token-mean loss exactly: each micro-batch's loss is weighted by its share of the
-    minibatch's tokens on all processes (times the process count, which the gradient mean over processes
-    divides out). Every skip is decided on all processes together. Returns ok / fault / ratio."""
+    """One optimiser step on minibatch `mb` (this process's rows of it). The loss aggregation's per-token weights
+    are normalised over the global minibatch first, so the micro-batches' losses add up to the minibatch's loss
+    exactly (each backward is of the loss times the process count, which the gradient mean over processes
+    divides out); the statistics are token means over the minibatch's loss tokens the same way. Every skip is
+    decided on all processes together.
+    Returns ok / fault / ratio, or empty for a minibatch with no loss token (every row left out of the loss)."""
     c, g = learner.config, learner.ranks
     comm = g.comm
-    tokens = comm.all_reduce(b.mask[mb].sum())
+    loss_mask = b.train_mask[mb]
+    if comm.all_reduce(loss_mask.sum()) == 0:
+        return "empty"
+    size = learner.local_minibatch // c.gradient_accumulation_steps
+    weights = learner.aggregate(loss_mask, comm.all_reduce).split(size)
+    stat_weights = (loss_mask / comm.all_reduce(loss_mask.sum())).split(size)
     learner.optimizer.zero_grad(set_to_none=True)
     stats: dict[str, Tensor] = {}
-    micro = mb.split(learner.local_minibatch // c.gradient_accumulation_steps)
+    micro = mb.split(size)
     for n, j in enumerate(micro):
-        share = b.mask[j].sum() / tokens
         last = n == len(micro) - 1
         with g.no_sync(learner.trained_module, skip=not last):
-            loss, parts = micro_loss(learner, b.rows(j), beta, (share * comm.num).item())
+            loss, parts = micro_loss(learner, b.rows(j), beta, weights[n], stat_weights[n])
             if comm.any(not torch.isfinite(loss)):
                 g.discard(loss)
                 return "fault"
             for prefix, st in parts.items():
                 for k, v in st.items():
-                    stats[prefix + k] = stats.get(prefix + k, 0.0) + share * v
-            if last:  # token-weighted means over the global minibatch, before the last backward
+                    stats[prefix + k] = stats.get(prefix + k, 0.0) + v
+            if last:  # sums over the global minibatch, before the last backward
                 names = sorted(stats)
                 summed = comm.all_reduce(torch.stack([stats[k].to(learner.device, torch.float64) for k in names]))
                 stats = dict(zip(names, summed.tolist()))
                 if stats["ppo/policy/ratio_mean"] > c.ratio_threshold:
                     g.discard(loss)
                     return "ratio"
-            g.backward(loss, last)
+            g.backward(loss * comm.num, last)  # the gradient mean over processes divides by num
     norms = g.step(learner.clip_groups, c.max_grad_norm)
     if norms is None:
         return "fault"
@@ -100,21 +124,31 @@ def update(learner: Learner, b: Rollouts, mb: Tensor, beta: float, totals: dict)
     return "ok"
 
 
-def micro_loss(learner: Learner, mb: Rollouts, beta: float, scale: float) -> tuple[Tensor, dict[str, dict]]:
-    """The loss of the micro-batch `mb`, weighted by `scale`, and its parts' statistics by prefix: the clipped
-    policy loss (Schulman et al. 2017), the clipped value loss with a critic, and the KL term with kl_in_loss."""
+def micro_loss(learner: Learner, mb: Rollouts, beta: float, weights: Tensor, stat_weights: Tensor
+               ) -> tuple[Tensor, dict[str, dict]]:
+    """The loss of the micro-batch `mb`, sum(weights * per-token loss), and its parts' statistics by prefix (each
+    a share of the minibatch's value: they add up over micro-batches and processes): the policy loss as
+    configured (clipped surrogate or CISPO, token or sequence ratio), the clipped value loss with a critic, the KL
+    term with kl_in_loss, and the entropy bonus with entropy_coef."""
     c, sampler = learner.config, learner.sampler
     logits, vpred = learner.forward(mb.query_ids, mb.query_mask, mb.response_ids)
-    new_logprobs, _, _ = policy_logprobs(sampler, logits, mb.query_ids, mb.query_mask, mb.response_ids, mb.flipped)
+    new_logprobs, _, _, entropy = policy_logprobs(sampler, logits, mb.query_ids, mb.query_mask, mb.response_ids,
+                                                  mb.flipped, entropy=c.entropy_coef > 0)
     # Nothing below sees padding: after EOS it may replay to -inf (top-k), and exp(inf) * 0 is nan.
     new_logprobs = torch.where(mb.mask.bool(), new_logprobs, mb.logprobs)
-    loss, parts = policy_loss(new_logprobs, mb.logprobs, mb.advantages, mb.mask, c.cliprange, scale)
+    mask = mb.train_mask
+    loss, parts = learner.policy_loss(new_logprobs, mb.logprobs, mb.advantages, mask, weights=weights,
+                                      stat_weights=stat_weights)
     parts = {"ppo/policy/": parts}
     if mb.returns is not None:
-        vf, parts["ppo/val/"] = value_loss(vpred, mb.values, mb.returns, mb.mask, c.cliprange_value, scale)
+        vf, parts["ppo/val/"] = value_loss(vpred, mb.values, mb.returns, mask, c.cliprange_value, weights=weights,
+                                           stat_weights=stat_weights)
         loss = loss + c.vf_coef * vf
     if c.kl_in_loss:
         kl, parts["ppo/kl_loss/"] = kl_penalty(kl_logprobs(sampler, logits, new_logprobs, mb.response_ids),
-                                               mb.ref_logprobs, mb.mask, learner.estimator.fn, scale)
+                                               mb.ref_logprobs, mask, learner.estimator.fn, weights=weights)
         loss = loss + beta * kl
+    if entropy is not None:
+        bonus, parts["ppo/entropy_loss/"] = entropy_bonus(entropy, mask, weights=weights)
+        loss = loss + c.entropy_coef * bonus
     return loss, parts

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from tether.ops import gather_logprobs
-from tether.ops.logprobs import TokenStats, token_stats
+from tether.ops.logprobs import TokenStats, entropy_from_logits, token_stats
 from tether.ops.masks import response_mask
 from tether.rollout import Sampler
 from tether.rollout.batch import Rollouts
@@ -21,10 +21,11 @@ Forward = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor | None]]  # (q
 
 
 def policy_logprobs(sampler: Sampler, logits: Tensor, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor,
-                    flipped: Tensor | None = None, ref_logits: Tensor | None = None, mask: Tensor | None = None
-                    ) -> tuple[Tensor, Tensor, TokenStats | None]:
-    """log pi(a_t | s_t) (B, T) of the sampled tokens under the replayed processing, with `flipped` and, when
-    scoring (ref_logits and mask given, no grad), the token statistics of both sides.
+                    flipped: Tensor | None = None, ref_logits: Tensor | None = None, mask: Tensor | None = None,
+                    entropy: bool = False) -> tuple[Tensor, Tensor, TokenStats | None, Tensor | None]:
+    """log pi(a_t | s_t) (B, T) of the sampled tokens under the replayed processing, with `flipped`; when
+    scoring (ref_logits and mask given, no grad), the token statistics of both sides; with `entropy`, the
+    entropy (B, T) of the processed sampling distribution at every position, with gradients (entropy_coef).
 
     A token sampled right at a top-k / top-p boundary can land outside the replayed support by float round-off
     (cached vs teacher-forced forward): scoring finds those (`flipped`) and they are scored untruncated instead of
@@ -41,7 +42,7 @@ def policy_logprobs(sampler: Sampler, logits: Tensor, query_ids: Tensor, query_m
         flipped = ~torch.isfinite(logprobs) & mask.bool()
     if flipped is not None and flipped.any():
         logprobs = torch.where(flipped, gather_logprobs(sampler.reference_scores(logits), response_ids), logprobs)
-    return logprobs, flipped, stats
+    return logprobs, flipped, stats, entropy_from_logits(scores) if entropy else None
 
 
 def kl_logprobs(sampler: Sampler, logits: Tensor, logprobs: Tensor, response_ids: Tensor) -> Tensor:
@@ -66,7 +67,7 @@ def score_rollouts(forward: Forward, ref_forward: Callable[[Tensor, Tensor, Tens
     for idx in torch.arange(len(queries), device=device).split(micro):
         logits, values = forward(q_ids[idx], q_mask[idx], r_ids[idx])
         ref_logits = ref_forward(q_ids[idx], q_mask[idx], r_ids[idx])
-        logprobs, flipped, stats = policy_logprobs(sampler, logits, q_ids[idx], q_mask[idx], r_ids[idx],
+        logprobs, flipped, stats, _ = policy_logprobs(sampler, logits, q_ids[idx], q_mask[idx], r_ids[idx],
                                                    ref_logits=ref_logits, mask=mask[idx])
         kl = estimator.fn(kl_logprobs(sampler, logits, logprobs, r_ids[idx]) if kl_in_loss else logprobs,
                           stats.ref_logprobs)
