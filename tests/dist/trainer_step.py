@@ -23,10 +23,15 @@ CONFIGS = {
     "ppo_lora_critic": {"algorithm": "ppo", "lora_r": 2, "critic": "policy", "gradient_checkpointing": True,
                         "max_grad_norm": 0.0},
 }
+# the loss menu: the aggregations normalise over every process's rows, batch scaling takes the global std
+CONFIGS["grpo_gspo"] = {**CONFIGS["grpo"], "loss_aggregation": "sequence_mean", "scale_rewards": "batch",
+                        "importance_ratio": "sequence", "cliprange": 0.1}
+CONFIGS["grpo_drgrpo"] = {**CONFIGS["grpo"], "loss_aggregation": "sequence_sum_norm", "scale_rewards": "none",
+                          "policy_loss": "cispo", "overlong": "mask", "entropy_coef": 0.01}
 CONFIGS["ppo_critic"] = {**CONFIGS["ppo_lora_critic"], "lora_r": 0}  # LoRA is refused on ZeRO-3
 CONFIGS["ppo_compile"] = {**CONFIGS["ppo"], "compile": True}
 # compile: with whole parameters only (ZeRO-3 and FSDP are refused)
-CASES = {"ddp": ["grpo", "ppo", "ppo_compile", "ppo_lora_critic"],
+CASES = {"ddp": ["grpo", "grpo_drgrpo", "grpo_gspo", "ppo", "ppo_compile", "ppo_lora_critic"],
          "zero2": ["grpo", "ppo", "ppo_compile", "ppo_lora_critic"],
          "zero3": ["grpo", "ppo", "ppo_critic"], "fsdp": ["grpo", "ppo", "ppo_critic"]}
 
