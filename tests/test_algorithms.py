@@ -6,7 +6,7 @@ import torch
 from conftest import assert_close64, make_model, make_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_ppo_learns import PROMPTS, share_of
+from test_ppo_learns import PROMPTS, assert_learned_with_kl_bounded, share_of, train_toward_good
 
 from tether import PPOConfig
 from tether.ops import group_centred, group_normalised, leave_one_out
@@ -97,20 +97,9 @@ LEARNING = {
 
 @pytest.mark.parametrize("algorithm", sorted(LEARNING))
 def test_critic_free_trainers_learn_with_kl_bounded(algorithm, tmp_path):
-    tok = make_tokenizer()
-    target = tok.convert_tokens_to_ids("good")
-    keys = {"steps": 30, "batch_size": 16, "minibatch_size": 8, "ppo_epochs": 4, "max_new_tokens": 8, "seed": 0,
-            **LEARNING[algorithm]}
-    cfg = PPOConfig(algorithm=algorithm, output_dir=str(tmp_path), **keys)
-    trainer = trainer_class(algorithm)(cfg, model=make_model(len(tok)), tokenizer=tok, prompts=PROMPTS,
-                                       reward=share_of(target, tok))
+    history, trainer = train_toward_good(algorithm, tmp_path, **LEARNING[algorithm])
     assert trainer.policy.value_head is None and trainer.critic is None  # critic-free: nothing to value
-    history = trainer.train()
-    rewards = [h["env/reward_mean"] for h in history]
-    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    assert last > first + 0.15, rewards
-    kls = [h["objective/kl"] for h in history]
-    assert all(0 <= k <= 10 for k in kls), kls
+    assert_learned_with_kl_bounded(history)
     assert "ppo/loss/value" not in history[-1] and "ppo/returns/mean" not in history[-1]
     assert ("ppo/loss/kl" in history[-1]) == (algorithm == "grpo")  # GRPO's KL is in the loss by default
 

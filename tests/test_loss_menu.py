@@ -10,7 +10,7 @@ import torch
 from conftest import assert_close64, make_model, make_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_ppo_learns import PROMPTS, share_of
+from test_ppo_learns import PROMPTS, assert_learned_with_kl_bounded, share_of, train_toward_good
 
 from tether import PPOConfig
 from tether.collectives import Collectives
@@ -389,18 +389,7 @@ KNOBS = {
 
 @pytest.mark.parametrize("knob", sorted(KNOBS))
 def test_each_knob_learns_with_kl_bounded(knob, tmp_path):
-    tok = make_tokenizer()
-    target = tok.convert_tokens_to_ids("good")
-    keys = {"steps": 30, "batch_size": 16, "minibatch_size": 8, "ppo_epochs": 4, "max_new_tokens": 8, "seed": 0,
-            "learning_rate": 1e-3, "init_kl_coef": 0.3, **KNOBS[knob]}
-    cfg = PPOConfig(algorithm="grpo", output_dir=str(tmp_path), **keys)
-    trainer = trainer_class("grpo")(cfg, model=make_model(len(tok)), tokenizer=tok, prompts=PROMPTS,
-                                    reward=share_of(target, tok))
-    history = trainer.train()
-    rewards = [h["env/reward_mean"] for h in history]
-    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    assert last > first + 0.15, rewards
-    kls = [h["objective/kl"] for h in history]
-    assert all(0 <= k <= 10 for k in kls), kls
+    history, _ = train_toward_good("grpo", tmp_path, learning_rate=1e-3, init_kl_coef=0.3, **KNOBS[knob])
+    assert_learned_with_kl_bounded(history)
     if knob == "dynamic_sampling":
         assert sum(h["dynamic_sampling/dropped_groups"] for h in history) > 0

@@ -22,6 +22,27 @@ def share_of(word_id: int, tokenizer):
     return reward
 
 
+def train_toward_good(algorithm: str, tmp_path, **keys) -> tuple[list[dict], object]:
+    """A tiny GPT-2 trained on PROMPTS toward the share of the word "good" (about 0.05 at the start)."""
+    from tether.trainers import trainer_class
+
+    tok = make_tokenizer()
+    keys = {"steps": 30, "batch_size": 16, "minibatch_size": 8, "ppo_epochs": 4, "max_new_tokens": 8, "seed": 0,
+            **keys}
+    cfg = PPOConfig(algorithm=algorithm, output_dir=str(tmp_path), **keys)
+    trainer = trainer_class(algorithm)(cfg, model=make_model(len(tok)), tokenizer=tok, prompts=PROMPTS,
+                                       reward=share_of(tok.convert_tokens_to_ids("good"), tok))
+    return trainer.train(), trainer
+
+
+def assert_learned_with_kl_bounded(history: list[dict], gain: float = 0.15) -> None:
+    """Mean reward of the last 5 steps above the first 5 by `gain`; objective/kl in [0, 10] at every step."""
+    rewards = [h["env/reward_mean"] for h in history]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + gain, rewards
+    kls = [h["objective/kl"] for h in history]
+    assert all(0 <= k <= 10 for k in kls), kls
+
+
 def test_tiny_gpt2_learns_share_of_target_token(tmp_path):
     tok = make_tokenizer()
     target = tok.convert_tokens_to_ids("good")
