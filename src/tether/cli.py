@@ -9,6 +9,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 from tether.algorithms import ALGORITHMS
 from tether.config import PPOConfig
 from tether.demo import DEMO_DEFAULTS
+from tether.report.trackers import TrackerError
 from tether.rewards import RewardError
 from tether.trainers.guards import TrainingHalted
 
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, arg in enumerate(argv):  # a bare `--resume` means resume=true
         if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv[i] = "--resume=true"
+    argv = _list_flags(argv)
     args = parser.parse_args(argv)
     sub = args[args.command]
     try:
@@ -118,11 +120,25 @@ def main(argv: list[str] | None = None) -> int:
             history = trainer.train()
             if trainer.comm.is_main:  # one summary, not one per process
                 _summary(config.output_dir, history)
-    except (ValueError, TypeError, FileNotFoundError, ImportError, RewardError, TrainingHalted) as err:
+    except (ValueError, TypeError, FileNotFoundError, ImportError, RewardError, TrainingHalted,
+            TrackerError) as err:
         # Errors about the user's input end in one clear line; anything else keeps its traceback.
         print(f"tether {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+LIST_FLAGS = ("--report_to", "--tracker_tags")
+
+
+def _list_flags(argv: list[str]) -> list[str]:
+    """`--report_to wandb,tensorboard` (and `--report_to none`) as a shell user writes them: jsonargparse's
+    list[str] wants `[wandb,tensorboard]`, which is still accepted."""
+    argv = list(argv)
+    for i, arg in enumerate(argv[:-1]):
+        if arg in LIST_FLAGS and not argv[i + 1].lstrip().startswith("["):
+            argv[i + 1] = "[" + ",".join(part.strip() for part in argv[i + 1].split(",")) + "]"
+    return argv
 
 
 def _reward_command(command: str, sub) -> None:

@@ -188,6 +188,21 @@ class PPOConfig:
     """Write completions to samples.jsonl every this many steps (0 = never)."""
     samples_per_step: int = 8
     """How many completions to write each time."""
+    # experiment trackers: Accelerate's tracker classes, fed by the main process (tether.report.trackers)
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers that get every step's metrics and the config: any of tensorboard (RUN/tb/), wandb,
+    mlflow, trackio, or [none]. Each must be installed (`pip install 'tether[wandb]'`, ...): one that is not is
+    refused before anything loads. One that fails mid-run is dropped with a warning; metrics.jsonl is always
+    written."""
+    tracker_project: str = "tether"
+    """The trackers' project: the W&B and Trackio project, the MLflow experiment."""
+    run_name: str | None = None
+    """The run's name in the trackers (default: the name of output_dir)."""
+    tracker_tags: list[str] = field(default_factory=list)
+    """Tags for the run in W&B, and in MLflow (as tags set to `true`)."""
+    mlflow_tracking_uri: str | None = None
+    """Where MLflow records the run: a server (http://...), a database (sqlite:///mlflow.db) or a folder
+    (file:/path); unset: MLFLOW_TRACKING_URI, else MLflow's own default."""
     device: str = "auto"
     """auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ..."""
 
@@ -267,6 +282,7 @@ def _errors(c: PPOConfig):
         problems.append("batch_size=1 cannot be whitened (a one-token response leaves one value); use batch_size >= 2 "
                         "or set whiten_advantages=false and whiten_rewards=false")
     problems.extend(scheduler_and_device_errors(c))
+    problems.extend(tracker_key_errors(c))
     from tether.rollout.sampling import generation_kwargs_errors  # the rules live beside the sampler
 
     problems.extend(generation_kwargs_errors(c.generation_kwargs))
@@ -293,6 +309,20 @@ def _algorithm_errors(c: PPOConfig) -> list[str]:
         if getattr(c, key) != defaults[key]:
             problems.append(f"{key}={getattr(c, key)!r} does nothing for {c.algorithm} ({algorithm.inert_why}); "
                             f"leave it unset")
+    return problems
+
+
+def tracker_key_errors(c) -> list[str]:
+    """Checks of the tracker keys shared by PPOConfig and RewardConfig (report_to: tether.report.trackers)."""
+    from tether.report.trackers import tracker_errors
+
+    problems = tracker_errors(c.report_to)
+    if not (isinstance(c.tracker_tags, (list, tuple)) and all(isinstance(t, str) and t for t in c.tracker_tags)):
+        problems.append(f"tracker_tags={c.tracker_tags!r} must be a list of non-empty strings")
+    if not (isinstance(c.tracker_project, str) and c.tracker_project):
+        problems.append(f"tracker_project={c.tracker_project!r} must be a non-empty string")
+    if c.run_name is not None and not (isinstance(c.run_name, str) and c.run_name):
+        problems.append(f"run_name={c.run_name!r} must be a non-empty string (or unset)")
     return problems
 
 
