@@ -30,7 +30,9 @@ class PPOConfig:
     model: str = ""
     """Policy: a hub name or a local folder for AutoModelForCausalLM (a module can be passed to PPOTrainer instead)."""
     prompts: str | None = None
-    """Prompt data: a JSONL or CSV file with a `prompt` column (the Python API also takes a list or a Dataset)."""
+    """Prompt data: a JSONL or CSV file with a `prompt` column, or `package.module:function` returning a list of
+    strings or a Dataset (the demo's: tether.demo:movie_review_openings); the Python API also takes a list or a
+    Dataset."""
     prompt_column: str = "prompt"
     """Column holding the prompt text in the prompt file or Dataset."""
     reward: str | None = None
