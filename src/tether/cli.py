@@ -32,8 +32,15 @@ def _ppo_parser(description: str, defaults: dict | None = None) -> ArgumentParse
 
 
 def _report_parser() -> ArgumentParser:
-    parser = ArgumentParser(description="Rebuild RUN_DIR/report/ (plots and report.html) from a run folder.")
-    parser.add_argument("run_dir", help="a run folder holding metrics.jsonl (and samples.jsonl)")
+    parser = ArgumentParser(description="One run folder: rebuild RUN_DIR/report/ (plots and report.html). Several: "
+                                        "draw their curves on the same axes, with a table of their summaries and "
+                                        "of the config keys they differ in, in one report.html.")
+    parser.add_argument("run_dirs", nargs="+", help="run folders holding metrics.jsonl (and samples.jsonl, "
+                                                    "config.yaml)")
+    parser.add_argument("--output", default=None,
+                        help="where the comparison's report.html goes (its plots beside it); default: "
+                             "FIRST_RUN/compare/report.html. With one run folder: write that run's report there "
+                             "instead of RUN_DIR/report/")
     return parser
 
 
@@ -102,9 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = args[args.command]
     try:
         if args.command == "report":
-            from tether.report import build_report
+            from tether.report import build_comparison, build_report
 
-            print(f"report: {build_report(sub.run_dir)}")
+            runs = sub.run_dirs
+            if len(runs) == 1:
+                print(f"report: {build_report(runs[0], sub.output)}")
+            else:
+                output = sub.output or Path(runs[0]) / "compare" / "report.html"
+                print(f"comparison of {len(runs)} runs: {build_comparison(runs, output)}")
         elif args.command in ("reward", "inspect-reward"):
             _reward_command(args.command, sub)
         else:
