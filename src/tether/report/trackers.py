@@ -172,6 +172,12 @@ class Trackers:
                               RuntimeWarning, stacklevel=2)
         self._trackers = []
 
+    def __enter__(self) -> "Trackers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _drop(self, name: str, tracker, when: str, error: Exception) -> None:
         self._trackers = [(n, t) for n, t in self._trackers if t is not tracker]
         warnings.warn(f"report_to: {name} {when} ({type(error).__name__}: {error}) and is dropped for the rest of "

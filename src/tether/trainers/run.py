@@ -21,7 +21,7 @@ class RunLogger:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         for name in ("metrics.jsonl", "samples.jsonl"):  # a fresh run never mixes with an old one; a resumed
-            _keep_steps_up_to(self.dir / name, start)  # one drops what a killed process logged after its checkpoint
+            keep_steps_up_to(self.dir / name, start)  # one drops what a killed process logged after its checkpoint
         if start == 0:
             shutil.rmtree(self.dir / "tb", ignore_errors=True)
         # metrics.jsonl first: the trackers come after it, and one that fails is dropped without touching it
@@ -55,7 +55,7 @@ class RunLogger:
             sink.close()
 
 
-def _keep_steps_up_to(path: Path, step: int) -> None:
+def keep_steps_up_to(path: Path, step: int) -> None:
     """Rewrite a JSONL log keeping only records with "step" <= step (atomically: temp file, then rename)."""
     if not path.exists():
         return
