@@ -168,3 +168,24 @@ def test_a_tracker_that_cannot_start_stops_the_run_before_it_trains(tmp_path, mo
     with pytest.raises(trackers.TrackerError, match="mlflow could not start.*not answering"):
         run(tmp_path, "run", report_to=["tensorboard", "mlflow"])
     assert not (tmp_path / "run" / "metrics.jsonl").read_text()  # no step ran
+
+
+def test_tether_reward_feeds_the_trackers_too(tmp_path):
+    from test_reward_trainer import synthetic_pairs, tiny_reward_model
+
+    from tether.reward_config import RewardConfig
+    from tether.trainers.reward import RewardTrainer
+
+    tok = make_tokenizer()
+    config = RewardConfig(output_dir=str(tmp_path / "rm"), epochs=1, batch_size=16, max_length=32, eval_every=2,
+                          report_to=["tensorboard"])
+    RewardTrainer(config, model=tiny_reward_model(tok), tokenizer=tok, data=synthetic_pairs(48, 0),
+                  eval_data=synthetic_pairs(16, 1)).train()
+    expected: dict[int, dict] = {}
+    for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        expected.setdefault(row.pop("step"), {}).update({k: v for k, v in row.items() if v is not None})
+    got = tensorboard_scalars(tmp_path / "rm" / "tb")
+    assert sorted(got) == sorted(expected) == [1, 2, 3] and "eval/accuracy" in got[2]
+    for step, metrics in expected.items():
+        assert got[step] == pytest.approx(metrics, rel=1e-6, abs=1e-7), step
