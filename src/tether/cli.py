@@ -9,6 +9,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 from tether.algorithms import ALGORITHMS
 from tether.config import PPOConfig
 from tether.demo import DEMO_DEFAULTS
+from tether.report.trackers import TrackerError
 from tether.rewards import RewardError
 from tether.trainers.guards import TrainingHalted
 
@@ -31,8 +32,15 @@ def _ppo_parser(description: str, defaults: dict | None = None) -> ArgumentParse
 
 
 def _report_parser() -> ArgumentParser:
-    parser = ArgumentParser(description="Rebuild RUN_DIR/report/ (plots and report.html) from a run folder.")
-    parser.add_argument("run_dir", help="a run folder holding metrics.jsonl (and samples.jsonl)")
+    parser = ArgumentParser(description="One run folder: rebuild RUN_DIR/report/ (plots and report.html). Several: "
+                                        "draw their curves on the same axes, with a table of their summaries and "
+                                        "of the config keys they differ in, in one report.html.")
+    parser.add_argument("run_dirs", nargs="+", help="run folders holding metrics.jsonl (and samples.jsonl, "
+                                                    "config.yaml)")
+    parser.add_argument("--output", default=None,
+                        help="where the comparison's report.html goes (its plots beside it); default: "
+                             "FIRST_RUN/compare/report.html. With one run folder: write that run's report there "
+                             "instead of RUN_DIR/report/")
     return parser
 
 
@@ -96,13 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     for i, arg in enumerate(argv):  # a bare `--resume` means resume=true
         if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv[i] = "--resume=true"
+    argv = _list_flags(argv)
     args = parser.parse_args(argv)
     sub = args[args.command]
     try:
         if args.command == "report":
-            from tether.report import build_report
+            from tether.report import build_comparison, build_report
 
-            print(f"report: {build_report(sub.run_dir)}")
+            runs = sub.run_dirs
+            if len(runs) == 1:
+                print(f"report: {build_report(runs[0], sub.output)}")
+            else:
+                output = sub.output or Path(runs[0]) / "compare" / "report.html"
+                print(f"comparison of {len(runs)} runs: {build_comparison(runs, output)}")
         elif args.command in ("reward", "inspect-reward"):
             _reward_command(args.command, sub)
         else:
@@ -118,11 +132,25 @@ def main(argv: list[str] | None = None) -> int:
             history = trainer.train()
             if trainer.comm.is_main:  # one summary, not one per process
                 _summary(config.output_dir, history)
-    except (ValueError, TypeError, FileNotFoundError, ImportError, RewardError, TrainingHalted) as err:
+    except (ValueError, TypeError, FileNotFoundError, ImportError, RewardError, TrainingHalted,
+            TrackerError) as err:
         # Errors about the user's input end in one clear line; anything else keeps its traceback.
         print(f"tether {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+LIST_FLAGS = ("--report_to", "--tracker_tags")
+
+
+def _list_flags(argv: list[str]) -> list[str]:
+    """`--report_to wandb,tensorboard` (and `--report_to none`) as a shell user writes them: jsonargparse's
+    list[str] wants `[wandb,tensorboard]`, which is still accepted."""
+    argv = list(argv)
+    for i, arg in enumerate(argv[:-1]):
+        if arg in LIST_FLAGS and not argv[i + 1].lstrip().startswith("["):
+            argv[i + 1] = "[" + ",".join(part.strip() for part in argv[i + 1].split(",")) + "]"
+    return argv
 
 
 def _reward_command(command: str, sub) -> None:

@@ -30,7 +30,9 @@ class PPOConfig:
     model: str = ""
     """Policy: a hub name or a local folder for AutoModelForCausalLM (a module can be passed to PPOTrainer instead)."""
     prompts: str | None = None
-    """Prompt data: a JSONL or CSV file with a `prompt` column (the Python API also takes a list or a Dataset)."""
+    """Prompt data: a JSONL or CSV file with a `prompt` column, or `package.module:function` returning a list of
+    strings or a Dataset (the demo's: tether.demo:movie_review_openings); the Python API also takes a list or a
+    Dataset."""
     prompt_column: str = "prompt"
     """Column holding the prompt text in the prompt file or Dataset."""
     reward: str | None = None
@@ -231,6 +233,21 @@ class PPOConfig:
     """Write completions to samples.jsonl every this many steps (0 = never)."""
     samples_per_step: int = 8
     """How many completions to write each time."""
+    # experiment trackers: Accelerate's tracker classes, fed by the main process (tether.report.trackers)
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers that get every step's metrics and the config: any of tensorboard (RUN/tb/), wandb,
+    mlflow, trackio, or [none]. Each must be installed (`pip install 'tether[wandb]'`, ...): one that is not is
+    refused before anything loads. One that fails mid-run is dropped with a warning; metrics.jsonl is always
+    written."""
+    tracker_project: str = "tether"
+    """The trackers' project: the W&B and Trackio project, the MLflow experiment."""
+    run_name: str | None = None
+    """The run's name in the trackers (default: the name of output_dir)."""
+    tracker_tags: list[str] = field(default_factory=list)
+    """Tags for the run in W&B, and in MLflow (as tags set to `true`)."""
+    mlflow_tracking_uri: str | None = None
+    """Where MLflow records the run: a server (http://...), a database (sqlite:///mlflow.db) or a folder
+    (file:/path); unset: MLFLOW_TRACKING_URI, else MLflow's own default."""
     device: str = "auto"
     """auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ..."""
 
@@ -317,6 +334,7 @@ def _errors(c: PPOConfig):
                         "or set whiten_advantages=false and whiten_rewards=false")
     problems.extend(_loss_errors(c))
     problems.extend(scheduler_and_device_errors(c))
+    problems.extend(tracker_key_errors(c))
     from tether.rollout.sampling import generation_kwargs_errors  # the rules live beside the sampler
 
     problems.extend(generation_kwargs_errors(c.generation_kwargs))
@@ -395,6 +413,20 @@ def _loss_errors(c: PPOConfig) -> list[str]:
                         f"completions all scored the same, which needs num_generations >= 2")
     if c.dynamic_sampling_max_rounds < 0:
         problems.append(f"dynamic_sampling_max_rounds={c.dynamic_sampling_max_rounds!r} must be >= 0")
+    return problems
+
+
+def tracker_key_errors(c) -> list[str]:
+    """Checks of the tracker keys shared by PPOConfig and RewardConfig (report_to: tether.report.trackers)."""
+    from tether.report.trackers import tracker_errors
+
+    problems = tracker_errors(c.report_to)
+    if not (isinstance(c.tracker_tags, (list, tuple)) and all(isinstance(t, str) and t for t in c.tracker_tags)):
+        problems.append(f"tracker_tags={c.tracker_tags!r} must be a list of non-empty strings")
+    if not (isinstance(c.tracker_project, str) and c.tracker_project):
+        problems.append(f"tracker_project={c.tracker_project!r} must be a non-empty string")
+    if c.run_name is not None and not (isinstance(c.run_name, str) and c.run_name):
+        problems.append(f"run_name={c.run_name!r} must be a non-empty string (or unset)")
     return problems
 
 

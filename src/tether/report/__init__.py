@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def build_report(run_dir: str | Path) -> Path:
-    """Write `run_dir/report/` (one PNG per curve + report.html); return the HTML's path.
+def build_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
+    """Write `run_dir/report/` (one PNG per curve + report.html); return the HTML's path. output: another
+    .html path for the page (its PNGs beside it).
 
     Reads `run_dir/metrics.jsonl` (required: a missing file or a malformed line
     raises, naming the file and line) and `run_dir/samples.jsonl` (optional).
@@ -22,12 +23,21 @@ def build_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     series = read_metrics(run_dir / "metrics.jsonl")
     samples = read_samples(run_dir / "samples.jsonl")
-    out_dir = run_dir / "report"
+    page = run_dir / "report" / "report.html" if output is None else Path(output)
+    if page.suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"--output {str(page)!r} must be an .html file path (the plots are written beside it)")
+    out_dir = page.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = draw_plots(series, out_dir)
-    page = out_dir / "report.html"
     page.write_text(render_page(run_dir.resolve().name, series, plots, samples), encoding="utf-8")
     return page
 
 
-__all__ = ["build_report"]
+def build_comparison(run_dirs: list[str | Path], output: str | Path) -> Path:
+    """Several runs on the same axes, with a table of their summaries and config differences: see compare.py."""
+    from tether.report.compare import build_comparison as build
+
+    return build(run_dirs, output)
+
+
+__all__ = ["build_comparison", "build_report"]

@@ -104,3 +104,25 @@ def draw_plots(series: dict[str, Series], out_dir: Path) -> list[Plot]:
         figure.savefig(out_dir / name)
         drawn.append(Plot(plot.key, plot.title, plot.ylabel, name))
     return drawn
+
+
+def draw_comparison(runs: dict[str, dict[str, Series]], out_dir: Path) -> list[Plot]:
+    """Write `compare_<name>.png` into `out_dir` for each metric in PLOTS, every run's curve on the same axes
+    (labelled by the keys of `runs`); a Plot without a file when no run logged that metric."""
+    drawn = []
+    for plot in PLOTS:
+        present = {label: series[plot.key] for label, series in runs.items()
+                   if plot.key in series and series[plot.key].values}
+        if not present:
+            drawn.append(plot)
+            continue
+        figure, axes = _axes(plot.title, plot.ylabel)
+        for label, data in present.items():
+            _line(axes, data, label)
+        if plot.key == "objective/kl":
+            _kl_band(axes)
+        axes.legend(loc="best", fontsize="small")
+        name = "compare_" + plot.key.replace("/", "_") + ".png"
+        figure.savefig(out_dir / name)
+        drawn.append(Plot(plot.key, plot.title, plot.ylabel, name))
+    return drawn

@@ -4,6 +4,8 @@ A sink has `log(metrics, step)` and `close()`. The trainer holds a list of
 them and never asks which kind it has (composition, not a logger hierarchy).
 `JsonlSink` writes the `metrics.jsonl` that `tether.report.build_report`
 reads; `SamplesSink` writes `samples.jsonl`, what the model actually said.
+TensorBoard, W&B, MLflow and Trackio are not written here: `trackers.py` feeds
+them through Accelerate's tracker classes.
 """
 
 from __future__ import annotations
@@ -94,28 +96,3 @@ class SamplesSink(_JsonlFile):
                 if key not in record:
                     record[key] = value if isinstance(value, str) else to_number(value, key)
             self.write(record)
-
-
-class TensorBoardSink:
-    """Scalars for `tensorboard --logdir`; the metric names' slashes become its panel groups."""
-
-    def __init__(self, log_dir: str | Path, flush_secs: int = 10, purge_step: int | None = None):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as error:
-            raise ModuleNotFoundError(
-                "TensorBoardSink needs the `tensorboard` package. Install it with: "
-                "pip install tensorboard  (or: pip install 'tether[tensorboard]')"
-            ) from error
-        # SummaryWriter's default is 120 s, too slow to watch a short CPU run live.
-        # purge_step: a resumed run hides events a killed process wrote at or after that step.
-        self._writer = SummaryWriter(log_dir=str(log_dir), flush_secs=flush_secs, purge_step=purge_step)
-
-    def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        for key, value in metrics.items():
-            number = to_number(value, key)
-            if number is not None:  # NaN/inf skipped, as metrics.jsonl nulls them
-                self._writer.add_scalar(key, number, global_step=int(step))
-
-    def close(self) -> None:
-        self._writer.close()

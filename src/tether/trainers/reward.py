@@ -5,7 +5,9 @@ The model scores exactly the text the PPO reward adapter (`RewardModel`) will sc
 tokenised by the same rules (left truncation), so what is measured here is what PPO gets.
 """
 
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -18,8 +20,11 @@ from transformers import get_scheduler
 from tether.losses.reward import bradley_terry_loss, regression_loss
 from tether.models.minilm import resolve_backbone
 from tether.report.sinks import JsonlSink
+from tether.report.trackers import Trackers, tracker_settings
 from tether.reward_config import RewardConfig, resolve_device
 from tether.reward_data import Labelled, Pairs, load_reward_data, pairs_from_labels, split
+from tether.trainers import reward_checkpoint
+from tether.trainers.run import keep_steps_up_to
 from tether.trainers.setup import keep_freed_memory
 
 log = logging.getLogger("tether")
@@ -85,32 +90,54 @@ class RewardTrainer:
 
     # ---- the loop ---------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
-        """Train for `epochs`; per-step and eval metrics to OUTPUT_DIR/metrics.jsonl; save the model there.
-        Returns the eval records (one per evaluation)."""
+        """Train for `epochs` (continuing a checkpoint when `resume` says so); per-step and eval metrics to
+        OUTPUT_DIR/metrics.jsonl and the trackers; checkpoints; the model saved there. Returns the eval records
+        (one per evaluation, those before a resumed checkpoint included)."""
         c = self.config
         out = Path(c.output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        checkpoint = reward_checkpoint.latest(c)
+        order = None
+        if checkpoint is not None:  # weights, optimiser, scheduler, generators and data order, then the logs
+            self.step_count, order = reward_checkpoint.load(checkpoint, c, self.model, self.optimizer,
+                                                            self.scheduler, self.order_generator)
+            log.info("resumed from %s at step %d", checkpoint, self.step_count)
         (out / "reward_config.yaml").write_text(yaml.safe_dump(c.to_dict(), sort_keys=False))
-        (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run never mixes with an old one
-        history = []
+        keep_steps_up_to(out / "metrics.jsonl", self.step_count)  # a fresh run starts it empty
+        if self.step_count == 0:
+            shutil.rmtree(out / "tb", ignore_errors=True)
+        history = [r for r in _records(out / "metrics.jsonl") if any(k.startswith("eval/") for k in r)]
         total = c.epochs * self.steps_per_epoch
-        with JsonlSink(out / "metrics.jsonl") as sink, tqdm(total=total, desc="reward", unit="step",
-                                                            dynamic_ncols=True) as bar:
-            for epoch in range(c.epochs):
-                order = torch.randperm(len(self.train_set), generator=self.order_generator).tolist()
-                for start in range(0, len(order), c.batch_size):
+        sink = JsonlSink(out / "metrics.jsonl")
+        try:
+            trackers = Trackers.start(c.report_to, tracker_settings(c, self.step_count), c.to_dict())
+        except BaseException:
+            sink.close()
+            raise
+        with sink, trackers, tqdm(total=total, initial=self.step_count, desc="reward", unit="step",
+                                  dynamic_ncols=True) as bar:
+            for epoch in range(self.step_count // self.steps_per_epoch, c.epochs):
+                first = self.step_count - epoch * self.steps_per_epoch  # batches of this epoch already done
+                if first == 0 or order is None:
+                    order = torch.randperm(len(self.train_set), generator=self.order_generator).tolist()
+                for start in range(first * c.batch_size, len(order), c.batch_size):
                     stats = self._train_step(self.train_set.subset(order[start:start + c.batch_size]))
                     stats["train/epoch"] = epoch + min(1.0, (start + c.batch_size) / len(order))
-                    sink.log(stats, self.step_count)
+                    for target in (sink, trackers):
+                        target.log(stats, self.step_count)
                     bar.set_postfix(loss=f"{stats['train/loss']:.3f}")
                     bar.update(1)
                     end_of_epoch = start + c.batch_size >= len(order)
                     if self.eval_set is not None and ((c.eval_every and self.step_count % c.eval_every == 0)
                                                       or end_of_epoch):
                         record = self.evaluate()
-                        sink.log(record, self.step_count)
+                        for target in (sink, trackers):
+                            target.log(record, self.step_count)
                         history.append({"step": self.step_count, **record})
                         bar.write(_describe(self.step_count, record))
+                    if self.step_count == total or (c.checkpoint_every and self.step_count % c.checkpoint_every == 0):
+                        reward_checkpoint.write(out / "checkpoints", self.step_count, self.model, self.optimizer,
+                                                self.scheduler, self.order_generator, order, c, c.keep_checkpoints)
         self.save(out)
         return history
 
@@ -181,6 +208,10 @@ def _load(model, tokenizer, name: str):
     if model.config.pad_token_id is None:  # decoder backbones find each row's last token through it
         model.config.pad_token_id = tokenizer.pad_token_id
     return tokenizer, model
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def _kind(data) -> str:

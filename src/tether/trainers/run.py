@@ -1,6 +1,5 @@
-"""The run folder and the console: resolved config, metrics, samples, TensorBoard, a progress bar."""
+"""The run folder and the console: resolved config, metrics, samples, the experiment trackers, a progress bar."""
 
-import importlib.util
 import json
 import math
 import os
@@ -10,7 +9,8 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from tether.report.sinks import JsonlSink, SamplesSink, TensorBoardSink
+from tether.report.sinks import JsonlSink, SamplesSink
+from tether.report.trackers import Trackers, tracker_settings
 
 
 class RunLogger:
@@ -21,14 +21,18 @@ class RunLogger:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         for name in ("metrics.jsonl", "samples.jsonl"):  # a fresh run never mixes with an old one; a resumed
-            _keep_steps_up_to(self.dir / name, start)  # one drops what a killed process logged after its checkpoint
+            keep_steps_up_to(self.dir / name, start)  # one drops what a killed process logged after its checkpoint
         if start == 0:
             shutil.rmtree(self.dir / "tb", ignore_errors=True)
+        # metrics.jsonl first: the trackers come after it, and one that fails is dropped without touching it
         self.sinks = [JsonlSink(self.dir / "metrics.jsonl")]
-        if importlib.util.find_spec("tensorboard") is not None:
-            self.sinks.append(TensorBoardSink(self.dir / "tb", purge_step=start + 1))
         self.samples = SamplesSink(self.dir / "samples.jsonl")
         self.bar = tqdm(total=total, initial=start, desc=config.algorithm, unit="step", dynamic_ncols=True)
+        try:
+            self.sinks.append(Trackers.start(config.report_to, tracker_settings(config, start), config.to_dict()))
+        except BaseException:
+            self.__exit__()
+            raise
 
     def log(self, step: int, stats: dict, prompts, completions, scores, kl_per_seq) -> None:
         for sink in self.sinks:
@@ -51,7 +55,7 @@ class RunLogger:
             sink.close()
 
 
-def _keep_steps_up_to(path: Path, step: int) -> None:
+def keep_steps_up_to(path: Path, step: int) -> None:
     """Rewrite a JSONL log keeping only records with "step" <= step (atomically: temp file, then rename)."""
     if not path.exists():
         return
