@@ -185,8 +185,8 @@ class RLTrainer:
                                                      lambda x: comm.gather(x.to(self.device))).to(self.device))
         advantages, returns, non_score = self.method.advantages(  # 5
             batch, batch.scores, 0.0 if c.kl_in_loss else beta, c, comm.all_reduce)
-        if c.whiten_advantages:  # over the global batch: every process's tokens
-            advantages = masked_whiten(advantages, batch.mask, all_reduce=comm.all_reduce)
+        if c.whiten_advantages:  # over the tokens trained on in the global batch (every process)
+            advantages = masked_whiten(advantages, batch.train_mask, all_reduce=comm.all_reduce)
         batch = replace(batch, advantages=advantages, returns=returns, non_score=non_score)
         t_optimise = time.perf_counter()
         train_stats = optimise(self.learner, batch, beta)  # 6
