@@ -72,9 +72,11 @@ def demo_trainer(config):
     unless `prompts` is set, VADER unless `reward` is set."""
     from dataclasses import replace
 
+    from tether.extras import check_extras
     from tether.models.smollm2 import smollm2_path
     from tether.trainers import trainer_class
 
+    check_extras(config, demo=True)  # before SmolLM2 is converted or loaded
     config = replace(config, model=config.model or str(smollm2_path()))
     prompts = None if config.prompts else movie_review_openings()
     reward = None if config.reward else vader_reward
