@@ -43,7 +43,7 @@ def metrics(run: Path) -> list[dict]:
 def assert_checkpoints_readable(run: Path) -> None:
     for path in ckpt.list_checkpoints(run / "checkpoints"):
         load_file(path / ckpt.WEIGHTS)
-        state = torch.load(path / ckpt.STATE, weights_only=False)
+        state = ckpt.read_state(path)
         assert state["step"] == ckpt.checkpoint_step(path)
 
 
@@ -89,16 +89,16 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted(setup, tmp_path):
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(setup, tmp_path, monkeypatch):
     run = tmp_path / "run"
     assert main(setup + ["--output_dir", str(run), "--steps", "2"]) == 0
-    real_save = torch.save
+    real_save = ckpt.write_state
 
     def dying_save(*args, **kwargs):  # the weights are written, then the process "dies" mid-checkpoint
         real_save(*args, **kwargs)
         raise KeyboardInterrupt("killed while writing")
 
-    monkeypatch.setattr(ckpt.torch, "save", dying_save)
+    monkeypatch.setattr(ckpt, "write_state", dying_save)
     with pytest.raises(KeyboardInterrupt):
         main(setup + ["--output_dir", str(run), "--steps", "3"])
-    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    monkeypatch.setattr(ckpt, "write_state", real_save)
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step-00000001", "step-00000002"]
     assert (run / "checkpoints" / ".tmp-step-00000003").exists()  # never listed, never read
     assert_checkpoints_readable(run)

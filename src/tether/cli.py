@@ -11,7 +11,9 @@ from tether.config import PPOConfig
 from tether.demo import DEMO_DEFAULTS
 from tether.report.trackers import TrackerError
 from tether.rewards import RewardError
+from tether.trainers.checkpoint import CheckpointWriteError
 from tether.trainers.guards import TrainingHalted
+from tether.trainers.lock import hold_output_dir, launched_as_main
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # PPOConfig's field docstrings become --help
 
@@ -121,19 +123,20 @@ def main(argv: list[str] | None = None) -> int:
             _reward_command(args.command, sub)
         else:
             config = config_from_args(sub, args.command)
-            if args.command == "demo":
-                from tether.demo import demo_trainer
+            with hold_output_dir(config.output_dir, launched_as_main()):  # a second launch: refused before loading
+                if args.command == "demo":
+                    from tether.demo import demo_trainer
 
-                trainer = demo_trainer(config)
-            else:
-                from tether.trainers import trainer_class
+                    trainer = demo_trainer(config)
+                else:
+                    from tether.trainers import trainer_class
 
-                trainer = trainer_class(config.algorithm)(config)
-            history = trainer.train()
+                    trainer = trainer_class(config.algorithm)(config)
+                history = trainer.train()
             if trainer.comm.is_main:  # one summary, not one per process
                 _summary(config.output_dir, history)
     except (ValueError, TypeError, FileNotFoundError, ImportError, RewardError, TrainingHalted,
-            TrackerError) as err:
+            TrackerError, CheckpointWriteError) as err:
         # Errors about the user's input end in one clear line; anything else keeps its traceback.
         print(f"tether {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -161,7 +164,8 @@ def _reward_command(command: str, sub) -> None:
         from tether.trainers.reward import RewardTrainer
 
         config = RewardConfig(**{k: v for k, v in vars(sub).items() if k in RewardConfig.__dataclass_fields__})
-        history = RewardTrainer(config).train()
+        with hold_output_dir(config.output_dir):
+            history = RewardTrainer(config).train()
         if history:
             last = {k: round(v, 4) for k, v in history[-1].items() if k != "step"}
             print(f"done: step {history[-1]['step']}, {last}")

@@ -37,8 +37,9 @@ def load_prompts(source, column: str = "prompt") -> list[str]:
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.suffix not in _FILE_TYPES:
+            missing = "" if path.exists() else " (and no such file exists)"
             raise ValueError(f"prompts file {str(path)!r}: expected one of {sorted(_FILE_TYPES)} (a JSONL or CSV "
-                             f"file with a {column!r} column)")
+                             f"file with a {column!r} column){missing}")
         if not path.is_file():
             raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
         source = load_dataset(_FILE_TYPES[path.suffix], data_files=str(path), split="train")

@@ -77,9 +77,11 @@ def demo_trainer(config):
     names), so the run folder's config.yaml repeats the run: `tether ppo --config RUN/config.yaml`."""
     from dataclasses import replace
 
+    from tether.extras import check_extras
     from tether.models.smollm2 import smollm2_path
     from tether.trainers import trainer_class
 
+    check_extras(config, demo=True)  # before SmolLM2 is converted or loaded
     config = replace(config, model=config.model or str(smollm2_path()), prompts=config.prompts or DEMO_PROMPTS,
                      reward=config.reward or DEMO_REWARD)
     return trainer_class(config.algorithm)(config)

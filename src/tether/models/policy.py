@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Cache, PreTrainedModel
 
+from tether.models.paths import check_model_folder
 from tether.rollout.generate import Rollout, forward_params, positions, sample
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -25,6 +26,7 @@ def load_causal_lm(model: str | PreTrainedModel) -> PreTrainedModel:
         return _check_positions(model)
     if not model:
         raise ValueError("no policy model given: set `model` to a hub name or a local folder")
+    check_model_folder(model, "model")
     try:
         return _check_positions(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32))
     except (OSError, ValueError) as err:
@@ -216,6 +218,7 @@ def build_critic(kind: str, lm: PreTrainedModel, reward, tokenizer, device) -> C
         raise ValueError("critic=reward needs the reward to be a reward-model folder, not a callable")
     from transformers import AutoTokenizer
 
+    check_model_folder(folder, "critic", tokenizer=True)
     if AutoTokenizer.from_pretrained(folder).get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"critic: {folder!r} has a different tokenizer than the policy; a critic reads the "
                          f"policy's token ids, so it must share the policy's vocabulary")

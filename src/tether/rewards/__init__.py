@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from tether.models.paths import check_model_folder, is_local
+
 from tether.rewards.base import (
     COMPLETION_INFO,
     RewardError,
@@ -30,7 +32,8 @@ def resolve_reward(reward, device: torch.device | str = "cpu", batch_size: int =
     if not isinstance(reward, str) or not reward:
         raise ValueError("no reward given: pass a callable, `package.module:function`, a reward-model folder or "
                          "a YAML reward spec")
-    if Path(reward).is_dir():
+    if Path(reward).is_dir() or (is_local(reward) and Path(reward).suffix not in (".yaml", ".yml")):
+        check_model_folder(reward, "reward", tokenizer=True)  # a reward-model folder: say what it lacks
         return RewardModel(reward, device=device, batch_size=batch_size)
     if Path(reward).suffix in (".yaml", ".yml"):  # its components are resolved as this one is
         return load_reward_spec(reward, lambda component: resolve_reward(component, device, batch_size))

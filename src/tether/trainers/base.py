@@ -25,8 +25,9 @@ from tether.algorithms import ALGORITHMS
 from tether.config import PPOConfig
 from tether.data import load_prompts
 from tether.distributed import Ranks
+from tether.extras import check_extras
 from tether.partition import check_sizes, rank_seed
-from tether.models.policy import Trained, response_forward
+from tether.models.policy import Trained
 from tether.ops import get_estimator, masked_whiten
 from tether.ops.kl_control import AdaptiveKLController, FixedKLController
 from tether.ops.rewards import RunningMoments, process_scores
@@ -36,13 +37,13 @@ from tether.rollout import Sampler
 from tether.rollout.batch import Generation, Rollouts
 from tether.trainers.assemble import build_models
 from tether.trainers.batching import left_pad
+from tether.trainers.checkpoint import hold_output_dir, maybe_resume, save_trained, write_checkpoint
 from tether.trainers.collect import collect, length_shaped, loss_rows
-from tether.trainers.checkpoint import maybe_resume, save_trained, write_checkpoint
 from tether.trainers.guards import FaultCounter, warn_if_negative_kl
 from tether.trainers.metrics import gather_per_sequence, kl_per_sequence, step_metrics
 from tether.trainers.optimise import Learner, optimise
 from tether.trainers.run import NoLog, RunLogger
-from tether.trainers.scoring import score_rollouts
+from tether.trainers.scoring import reference_logits, score_rollouts
 from tether.trainers.setup import (autocast_dtype, check_compile, check_step_inputs, check_token_rows, encode_prompt,
                                    eos_ids, keep_freed_memory, load_tokenizer, make_adamw, seed_everything)
 from tether.trainers.state import Progress, RandomState
@@ -58,6 +59,7 @@ class RLTrainer:
         """model / prompts / reward override the config's keys; ref_model defaults to a frozen copy of the
         policy as it is at the start; logits_processors: extra transformers processors, replayed when scoring."""
         self.config = c = config
+        check_extras(c)  # a missing optional package is named now, not after the models have loaded
         if self.algorithm is not None and c.algorithm != self.algorithm:
             raise ValueError(f"{type(self).__name__} runs algorithm={self.algorithm!r} but the config says "
                              f"{c.algorithm!r}; build the config with PPOConfig(algorithm={self.algorithm!r}, ...)")
@@ -228,6 +230,10 @@ class RLTrainer:
     def train(self) -> list[dict[str, float]]:
         """Run steps up to `steps` over the prompts (continuing a checkpoint when `resume` says so); metrics to
         OUTPUT_DIR/metrics.jsonl and the console; checkpoints, final policy and report at the end."""
+        with hold_output_dir(self.config.output_dir, self.comm.is_main):  # a second run there is refused
+            return self._train()
+
+    def _train(self) -> list[dict[str, float]]:
         c, comm = self.config, self.comm
         if self.prompts is None or self.reward is None:
             raise ValueError("train() needs prompts and a reward (config keys `prompts` and `reward`, "
@@ -291,9 +297,3 @@ def _autocast(dtype: torch.dtype | None, forward, *args):
 def _all_done(comm, finished: Tensor) -> bool:
     """Whether every process's rows have all ended."""
     return comm.all(bool(finished.all()))
-
-
-def reference_logits(model, peft, q_ids: Tensor, q_mask: Tensor, r_ids: Tensor) -> Tensor:
-    """Reference logits (B, T, V): the frozen copy, or with LoRA (`peft`) the policy's LM with its adapters off."""
-    with peft.disable_adapter() if peft is not None else nullcontext():
-        return response_forward(model, q_ids, q_mask, r_ids)[0]

@@ -19,6 +19,7 @@ from transformers import get_scheduler
 
 from tether.losses.reward import bradley_terry_loss, regression_loss
 from tether.models.minilm import resolve_backbone
+from tether.models.paths import check_model_folder
 from tether.report.sinks import JsonlSink
 from tether.report.trackers import Trackers, tracker_settings
 from tether.reward_config import RewardConfig, resolve_device
@@ -193,6 +194,7 @@ def _load(model, tokenizer, name: str):
         raise ValueError("no backbone: set `model` (a hub name, a folder, or `minilm`) or pass both model= and "
                          "tokenizer=")
     path = resolve_backbone(name) if model is None or tokenizer is None else None
+    check_model_folder(path, "model", weights=model is None, tokenizer=tokenizer is None)
     tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
     tokenizer.truncation_side = "left"  # keep the response; the RewardModel adapter cuts the same way
     tokenizer.padding_side = "right"  # positions independent of the batch, as in RewardModel

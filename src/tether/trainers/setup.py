@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer
 
+from tether.models.paths import check_model_folder
+
 log = logging.getLogger("tether")
 
 
@@ -109,6 +111,7 @@ def load_tokenizer(tokenizer, model):
     if tokenizer is None:
         if not isinstance(model, str) or not model:
             raise ValueError("pass tokenizer=... when the policy is given as a module rather than a name or folder")
+        check_model_folder(model, "model", tokenizer=True)  # the whole folder, before anything of it loads
         try:
             tokenizer = AutoTokenizer.from_pretrained(model)
         except (OSError, ValueError) as err:
