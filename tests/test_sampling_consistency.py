@@ -12,6 +12,7 @@ from tether.ops import ESTIMATORS, gather_logprobs
 from tether.rollout import Sampler, sample
 from tether.trainers.batching import left_pad
 from tether.trainers import PPOTrainer
+from transformers.generation import logits_process as lp
 
 PROMPTS = ["the movie was", "i", "a very long plot and the actor was", "fun", "we really", "it is not quite"]
 SETTINGS = dict(top_k=5, top_p=0.8, min_new_tokens=8)
@@ -178,3 +179,77 @@ def test_draw_follows_the_distribution_and_never_picks_filtered_tokens():
     keep = expected > 0
     chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
     assert chi2 < 16.3, (counts, chi2)  # chi-square, 3 degrees of freedom, p = 0.001
+
+
+# ---- repetition penalty and n-gram blocking against transformers' own processors -----------------
+def _hf_row(processors, prefix, logits):
+    """transformers' processors, in generate()'s order, on one row alone (no padding): prefix (n,), logits (V,)."""
+    x = logits[None].clone()
+    for p in processors:
+        x = p(prefix[None], x)
+    return x[0]
+
+
+def test_repetition_penalty_and_ngram_blocking_match_transformers_on_a_left_padded_batch():
+    """Each row of a left-padded batch, step by step and replayed, gets the scores transformers' processors give
+    that row alone. transformers' RepetitionPenaltyLogitsProcessor itself, handed the padded batch, also penalises
+    the pad token (left padding is "seen"); tether's does not: a row's distribution must not depend on how much
+    padding its batch needed."""
+    tok = make_tokenizer()
+    _, policy = reference_and_policy(len(tok))
+    q_ids, q_mask = encode(tok, PROMPTS)
+    # a response that repeats words and bigrams, so that both processors act
+    words = "the movie was the movie was good good the movie".split()
+    r_ids = torch.tensor([tok.convert_tokens_to_ids(words)] * len(PROMPTS))
+    penalty, n = 1.7, 2
+    hf = [lp.RepetitionPenaltyLogitsProcessor(penalty), lp.NoRepeatNGramLogitsProcessor(n)]  # generate()'s order
+    sampler = Sampler([tok.eos_token_id], repetition_penalty=penalty, no_repeat_ngram_size=n)
+    with torch.no_grad():
+        logits, _ = response_forward(policy, q_ids, q_mask, r_ids)
+    ids = torch.cat([q_ids, r_ids], 1)
+    full = torch.cat([q_mask, torch.ones_like(r_ids)], 1)
+    replayed = sampler.sequence_scores(logits, ids, full)
+    P, pad = q_ids.shape[1], tok.pad_token_id
+    banned = 0
+    for t in range(r_ids.shape[1]):
+        stepped = sampler.step_scores(logits[:, t], ids[:, :P + t], full[:, :P + t], t)
+        torch.testing.assert_close(replayed[:, t], stepped, atol=0, rtol=0)
+        for i in range(len(PROMPTS)):
+            prefix = ids[i, :P + t][full[i, :P + t].bool()]  # this row alone
+            want = _hf_row(hf, prefix, logits[i, t])
+            torch.testing.assert_close(stepped[i], want, atol=1e-6, rtol=0)
+            banned += int(torch.isinf(want).sum())
+            if not full[i, :P].all():  # padded row: transformers' processor on the padded batch penalises <pad>
+                padded = hf[0](ids[i:i + 1, :P + t], logits[i:i + 1, t].clone())[0]
+                assert padded[pad] != logits[i, t, pad] and stepped[i, pad] == logits[i, t, pad]
+    assert banned > 0  # n-gram blocking really banned tokens
+    assert (~full.bool()).any()
+
+
+def test_a_user_logits_processor_is_sampled_with_and_replayed_end_to_end(tmp_path):
+    """NoBadWordsLogitsProcessor passed to the trainer: generation never writes the banned words, and the
+    behaviour log-probs the trainer scores equal those of transformers' processors (repetition penalty,
+    n-gram blocking, the user's processor) applied to each row alone on its own forward pass."""
+    tok = make_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    banned = lp.NoBadWordsLogitsProcessor([[ids("awful")], [ids("very"), ids("bad")]], eos_token_id=tok.eos_token_id)
+    cfg = PPOConfig(batch_size=6, minibatch_size=6, ppo_epochs=1, max_new_tokens=10, repetition_penalty=1.5,
+                    no_repeat_ngram_size=2, output_dir=str(tmp_path))
+    model = make_model(len(tok), seed=2)
+    trainer = PPOTrainer(cfg, model=model, tokenizer=tok, logits_processors=[banned])
+    gen = trainer.generate(PROMPTS)
+    hf = [lp.RepetitionPenaltyLogitsProcessor(1.5), lp.NoRepeatNGramLogitsProcessor(2), banned]
+    batch = trainer.score(gen.queries, gen.responses)
+    for i, (q, r) in enumerate(zip(gen.queries, gen.responses)):
+        text = torch.cat([q, r]).tolist()
+        assert ids("awful") not in r.tolist()
+        assert all((a, b) != (ids("very"), ids("bad")) for a, b in zip(text, text[1:]))
+        bigrams = list(zip(text, text[1:]))[len(q) - 1:]  # those the response made
+        assert len(bigrams) == len(set(bigrams)), text
+        with torch.no_grad():
+            logits = model(input_ids=torch.cat([q, r])[None]).logits[0, len(q) - 1:-1]
+        want = [torch.log_softmax(_hf_row(hf, torch.cat([q, r[:t]]), logits[t]), -1)[r[t]] for t in range(len(r))]
+        torch.testing.assert_close(batch.logprobs[i, :len(r)], torch.stack(want), atol=1e-5, rtol=0)
+    assert not batch.flipped.any()
+    stats = trainer.step(gen.queries, gen.responses, [float(i % 2) for i in range(6)])
+    assert abs(stats["ppo/policy/ratio_mean"] - 1) < 1e-5  # first update: the replay equals the sampler
