@@ -110,7 +110,7 @@ def test_critic_free_trainers_learn_with_kl_bounded(algorithm, tmp_path):
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.15, rewards
     kls = [h["objective/kl"] for h in history]
-    assert all(0 <= k <= 10 for k in kls), kls
+    assert max(kls) <= 10 and kls[-1] > 0, kls  # objective/kl is exact (>= 0 by construction): it moved, bounded
     assert "ppo/loss/value" not in history[-1] and "ppo/returns/mean" not in history[-1]
     assert ("ppo/loss/kl" in history[-1]) == (algorithm == "grpo")  # GRPO's KL is in the loss by default
 

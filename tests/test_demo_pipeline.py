@@ -86,7 +86,7 @@ def test_grpo_example_with_lora_and_checkpointing_on_smollm2(tmp_path):
                  "--lora_r", "8", "--gradient_checkpointing", "true"]) == 0
     check_run_folder(run, steps=2, critic=False)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert abs(rows[0]["ppo/policy/ratio_mean"] - 1) < 1e-3 and rows[0]["objective/kl"] < 1e-3  # starts at ref
+    assert abs(rows[0]["ppo/policy/ratio_mean"] - 1) < 1e-3 and rows[-1]["objective/kl"] > 0  # moved off the adapters-off ref
     assert "ppo/loss/kl" in rows[-1]
     assert (run / "policy" / "adapter" / "adapter_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(run / "policy")

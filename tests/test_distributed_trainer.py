@@ -150,7 +150,7 @@ def test_two_process_tether_ppo_learns_like_one_process_and_resumes(run_files):
         assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2, (name, rewards)
     two = run_files / "two"
     kls = [json.loads(line)["objective/kl"] for line in (two / "metrics.jsonl").read_text().splitlines()]
-    assert all(0 <= k <= 10 for k in kls), kls
+    assert max(kls) <= 10 and kls[-1] > 0, kls  # objective/kl is exact (>= 0 by construction): it moved, bounded
     samples = [json.loads(line) for line in (two / "samples.jsonl").read_text().splitlines()]
     assert len([s for s in samples if s["step"] == 1]) == 16  # both processes' completions, written once
     assert [p.name for p in (two / "checkpoints").iterdir()] == ["step-00000030"]

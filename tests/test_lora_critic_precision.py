@@ -203,7 +203,7 @@ def test_ppo_with_a_separate_critic_learns(tmp_path):
                          reward=share_of(target, tok)).train()
     rewards = [h["env/reward_mean"] for h in history]
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.25, rewards
-    assert all(0 <= h["objective/kl"] <= 10 for h in history)
+    assert max(h["objective/kl"] for h in history) <= 10 and history[-1]["objective/kl"] > 0  # exact: >= 0 anyway
 
 
 # ---- gradient checkpointing and bf16 ------------------------------------------------------------------

@@ -34,7 +34,7 @@ def test_tiny_gpt2_learns_share_of_target_token(tmp_path):
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.25, rewards  # random start: ~1/34 share of 'good'
     kls = [h["objective/kl"] for h in history]
-    assert all(0 <= k <= 10 for k in kls), kls
+    assert max(kls) <= 10 and kls[-1] > 0, kls  # objective/kl is exact (>= 0 by construction): it moved, bounded
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 31))
     assert (tmp_path / "run" / "policy" / "config.json").exists()

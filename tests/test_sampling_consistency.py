@@ -108,7 +108,8 @@ def test_k1_kl_is_nonnegative_with_truncated_sampling_and_naive_scoring_is_not()
 @pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
 def test_kl_is_zero_when_policy_equals_reference_under_pure_sampling(estimator, tmp_path):
     tok = make_tokenizer()
-    cfg = PPOConfig(batch_size=6, minibatch_size=3, max_new_tokens=10, kl_estimator=estimator,
+    # at temperature 0.7: a reference scored at another temperature than the policy would not give 0
+    cfg = PPOConfig(batch_size=6, minibatch_size=3, max_new_tokens=10, kl_estimator=estimator, temperature=0.7,
                     output_dir=str(tmp_path))
     trainer = PPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok)
     gen = trainer.generate(PROMPTS)
@@ -153,9 +154,12 @@ def test_warns_when_responses_were_sampled_under_other_settings(tmp_path):
     roll = sample(policy, elsewhere, q_ids, q_mask, 12, tok.pad_token_id, torch.Generator().manual_seed(0))
     queries = [q[m.bool()] for q, m in zip(q_ids, q_mask)]
     responses = [r[m.bool()] for r, m in zip(roll.response_ids, roll.response_mask)]
+    batch = trainer.score(queries, responses)  # before the update
     with pytest.warns(UserWarning, match="objective/kl_estimate = .* < 0"):
         stats = trainer.step(queries, responses, [0.0] * 18)
-    assert stats["objective/kl"] >= 0  # the exact KL stays a true KL even then
+    # the exact KL stays a true KL even then: what kl_full gives on the same batch, and clearly positive
+    assert stats["objective/kl"] == pytest.approx(batch.kl_exact.sum(-1).mean().item(), abs=1e-6)
+    assert stats["objective/kl"] > 0.1 > stats["objective/kl_estimate"]
 
 
 def test_no_warning_for_own_samples(tmp_path, recwarn):
