@@ -257,3 +257,59 @@ def test_a_user_logits_processor_is_sampled_with_and_replayed_end_to_end(tmp_pat
     assert not batch.flipped.any()
     stats = trainer.step(gen.queries, gen.responses, [float(i % 2) for i in range(6)])
     assert abs(stats["ppo/policy/ratio_mean"] - 1) < 1e-5  # first update: the replay equals the sampler
+
+
+# ---- the support-flip fallback ---------------------------------------------------------------------
+def _score_fixed(sampler, logits, responses):
+    """score_rollouts on fixed logits (B, T, V) for one-token prompts: the policy's and the reference's alike."""
+    from tether.ops.kl import ESTIMATORS
+    from tether.trainers.scoring import score_rollouts
+
+    B = len(responses)
+    return score_rollouts(lambda q, m, r: (logits, None), lambda q, m, r: logits, sampler, ESTIMATORS["kl"], False,
+                          [torch.tensor([3])] * B, [torch.tensor(r) for r in responses], 1, [0], B,
+                          torch.device("cpu"))
+
+
+def test_a_token_just_outside_top_k_or_top_p_by_round_off_is_scored_untruncated_and_flagged():
+    """Vocabulary 5, EOS 0. top_k=2 at logits (0, 2, 1.5 - 1e-6, 1.5, -2): token 2 is third by 1e-6, as a cached
+    vs teacher-forced forward can make a token that was second; top_p=0.5 at probabilities ~(0.2, 0.3, 0.5):
+    the 0.3 token's ascending cumulative mass 0.5 - 1e-6 lies just under the cut 1 - top_p = 0.5. Both are
+    scored log softmax(x)[a] = x_a - logsumexp(x), untruncated, and flagged."""
+    x = torch.tensor([0.0, 2.0, 1.5 - 1e-6, 1.5, -2.0])
+    logits = torch.stack([torch.tensor([0.0, 3.0, 1.0, 0.5, -1.0]), x])[None]  # (1, 2, 5): response [1, 2]
+    batch = _score_fixed(Sampler([0], top_k=2), logits, [[1, 2]])
+    assert batch.flipped.tolist() == [[False, True]]
+    assert batch.logprobs[0, 1].item() == pytest.approx((x[2] - torch.logsumexp(x, 0)).item(), abs=1e-6)
+
+    y = torch.tensor([1e-4, 0.2 - 1e-4, 0.3 - 1e-4 - 1e-6, 0.5 + 1e-6, 1e-4], dtype=torch.float64).log().float()
+    cut = torch.softmax(y.sort().values, 0).cumsum(0)[3].item()  # ascending cumulative mass up to token 2 (~0.3)
+    assert 0.5 - 1e-5 < cut <= 0.5
+    batch = _score_fixed(Sampler([0], top_p=0.5), torch.stack([y, y])[None], [[3, 2]])
+    assert batch.flipped.tolist() == [[False, True]]
+    assert batch.logprobs[0, 1].item() == pytest.approx(y[2].item() - torch.logsumexp(y, 0).item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("settings, response, where", [
+    ({"top_k": 2}, [4, 1], "response 0 token 0 \\(id 4\\)"),  # logit -1 against the kept 3 and 1: far outside
+    ({"top_k": 2, "min_new_tokens": 2}, [1, 0], "response 0 token 1 \\(id 0\\)"),  # EOS banned at t < 2
+])
+def test_a_token_outside_the_support_beyond_round_off_is_refused_not_relabelled(settings, response, where):
+    logits = torch.tensor([[0.0, 3.0, 1.0, 0.5, -1.0], [5.0, 3.0, 1.0, 0.5, -1.0]])[None]
+    with pytest.raises(ValueError, match=where + " has probability 0 under the sampler"):
+        _score_fixed(Sampler([0], **settings), logits, [response])
+
+
+def test_step_refuses_responses_the_sampler_could_not_have_drawn(tmp_path):
+    tok = make_tokenizer()
+    cfg = PPOConfig(batch_size=2, minibatch_size=2, max_new_tokens=4, top_k=3, output_dir=str(tmp_path))
+    trainer = PPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok)
+    gen = trainer.generate(PROMPTS[:2])
+    with torch.no_grad():  # the least likely next token of row 1's prompt: far outside its top 3
+        worst = trainer.policy.model(gen.queries[1][None]).logits[0, -1].argmin().item()
+    responses = [gen.responses[0], torch.cat([torch.tensor([worst]), gen.responses[1]])[:4]]
+    with pytest.raises(ValueError, match=f"response 1 token 0 \\(id {worst}\\) has probability 0 under the sampler"):
+        trainer.step(gen.queries, responses, [0.0, 1.0])
+    assert trainer.step_count == 0
+    stats = trainer.step(gen.queries, gen.responses, [0.0, 1.0])  # its own samples are fine
+    assert stats["rollout/support_flips"] == 0
