@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "dist"))
@@ -190,10 +191,19 @@ def test_sharded_tether_ppo_learns_resumes_and_saves_a_whole_model(run_files, ki
     checkpoint = run_dir / "checkpoints" / "step-00000030"
     assert (checkpoint / "shards").is_dir() and not (checkpoint / "policy.safetensors").exists()
     start = AutoModelForCausalLM.from_pretrained(run_files / "model")
-    trained = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
-    for (name, a), b in zip(start.named_parameters(), trained.parameters()):
-        assert a.shape == b.shape and torch.isfinite(b).all(), name
-    assert any(not torch.equal(a, b) for a, b in zip(start.parameters(), trained.parameters()))
+    # from_pretrained fills a missing weight with a fresh random one of the right shape, so shapes prove nothing:
+    # every weight must be in the file, whole (a process's shard would have fewer elements), and finite
+    trained, info = AutoModelForCausalLM.from_pretrained(run_dir / "policy", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    saved = load_file(run_dir / "policy" / "model.safetensors")
+    whole = start.state_dict()
+    assert {k for k in whole if k != "lm_head.weight"} <= saved.keys()  # GPT-2's LM head is the tied embedding
+    for name, w in saved.items():
+        assert w.shape == whole[name].shape and torch.isfinite(w).all(), name
+    # the gathered weights are the trained ones: every layer moved, not only those on the main process's shard
+    moved = {name.split(".")[2] if name.startswith("transformer.h.") else name
+             for name, w in saved.items() if not torch.equal(w, whole[name])}
+    assert {str(i) for i in range(start.config.n_layer)} <= moved and "transformer.wte.weight" in moved, moved
 
     _launch(["-m", "tether.cli", "ppo", *_flags(run_files, kind, 33), "--resume"], run_files, kind)
     assert len(_rewards(run_dir)) == 33
