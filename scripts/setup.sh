@@ -18,5 +18,7 @@ PY=${PYTHON:-python3}
 # DeepSpeed ZeRO (examples/accelerate/deepspeed_*.yaml, and tether's tests on 2 CPU processes). It is built
 # from source against the torch installed above: --no-build-isolation, or pip would fetch a second torch to
 # build it with. Its CPU shared-memory collective is compiled here, once, not by two processes at once in a run.
+# (The `deepspeed` extra of pyproject.toml names it for other installs; it is not in the -e line above, which
+# builds with isolation.)
 .venv/bin/pip install -q --no-build-isolation "deepspeed==0.19.8"
 .venv/bin/python scripts/build_deepspeed_ops.py

@@ -27,3 +27,7 @@ def raises(prompts, completions):
 
 def fails_on_long(prompts, completions):
     return [1.0 / (len(c.split()) < 3) for c in completions]  # ZeroDivisionError for a completion of 3+ words
+
+
+def length(prompts, completions):
+    return [len(c) / 10 for c in completions]  # differs between completions from the first step

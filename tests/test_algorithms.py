@@ -11,6 +11,7 @@ from test_ppo_learns import PROMPTS, assert_learned_with_kl_bounded, share_of, t
 from tether import PPOConfig
 from tether.ops import group_centred, group_normalised, leave_one_out
 from tether.trainers import GRPOTrainer, PPOTrainer, ReinforcePPTrainer, RLOOTrainer, trainer_class
+from tether.trainers.scoring import policy_logprobs
 
 
 # ---- the estimators, by hand -------------------------------------------------------------------
@@ -214,10 +215,21 @@ def test_kl_in_loss_ignores_padding_after_eos_even_under_top_k(tmp_path):
     tok = make_tokenizer()
     cfg = PPOConfig(algorithm="grpo", batch_size=4, num_generations=2, minibatch_size=4, max_new_tokens=6, top_k=2,
                     output_dir=str(tmp_path))
-    trainer = GRPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok)
-    gen = trainer.generate(["the movie was"] * 2 + ["i really"] * 2)
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    responses = [torch.tensor([r[0].item(), eos]) for r in gen.responses[:2]] + gen.responses[2:]
+    model = make_model(len(tok))
+    with torch.no_grad():  # EOS likely (about +6 on its logit), so that completions end early, on their own
+        bias = model.transformer.ln_f.bias  # the final hidden state's offset: the EOS row along it
+        bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(0)))
+        model.lm_head.weight[eos] += 0.2 * bias
+    trainer = GRPOTrainer(cfg, model=model, tokenizer=tok)
+    gen = trainer.generate(["the movie was"] * 2 + ["i really"] * 2)
+    assert gen.responses[0][-1] == eos and len(gen.responses[0]) < 6
+    responses = list(gen.responses)
     responses[0] = torch.cat([responses[0], torch.tensor([pad, pad, pad])])  # padding the sampler never drew
+    batch = trainer.score(gen.queries, responses)
+    replayed, _, _ = policy_logprobs(trainer.sampler, trainer.trainable(batch.query_ids, batch.query_mask,
+                                                                        batch.response_ids)[0],
+                                     batch.query_ids, batch.query_mask, batch.response_ids)
+    assert torch.isneginf(replayed[0][batch.mask[0] == 0]).any()  # the case at hand: padding replays to -inf
     stats = trainer.step(gen.queries, responses, [0.0, 1.0, 1.0, 0.0])
     assert stats["faults/skipped_minibatches"] == 0 and stats["ppo/loss/kl"] == stats["ppo/loss/kl"]

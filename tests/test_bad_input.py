@@ -30,6 +30,11 @@ def trainer(tmp_path, prompts=PROMPTS, reward=rewards.count_good, tokenizer=None
     ({"generation_kwargs": {"do_sample": False}}, "do_sample=False is refused: greedy"),
     ({"generation_kwargs": {"top_k": 5}}, "set the config key `top_k` instead"),
     ({"generation_kwargs": {"watermarking_config": {}}}, "watermarking_config is not a setting tether can replay"),
+    ({"generation_kwargs": {"penalty_alpha": 0.6}}, "penalty_alpha=0.6 is refused: contrastive search"),
+    ({"generation_kwargs": {"guidance_scale": 1.5}}, "guidance_scale=1.5 is refused: classifier-free guidance"),
+    ({"generation_kwargs": {"assistant_model": "tiny"}}, "assistant_model='tiny' is refused: assisted"),
+    ({"generation_kwargs": {"prompt_lookup_num_tokens": 3}}, "prompt_lookup_num_tokens=3 is refused: prompt-lookup"),
+    ({"generation_kwargs": {"min_length": 5}}, "min_length=5 is refused: min_length counts prompt tokens too"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -74,12 +79,20 @@ def test_prompt_longer_than_context(tmp_path):
     (rewards.raises, RuntimeError, "reward function raised KeyError"),
 ])
 def test_bad_rewards_stop_before_any_update(tmp_path, reward, error, message):
-    t = trainer(tmp_path, reward=reward)
-    before = {k: v.clone() for k, v in t.policy.state_dict().items()}
+    """The reward goes bad at step 2, after step 1 has updated: the error leaves the weights as step 1 left them
+    (step 2's update, which would move them, never runs)."""
+    seen = []
+
+    def bad_at_step_2(prompts, completions):
+        seen.append({k: v.clone() for k, v in t.policy.state_dict().items()})  # the weights when it is called
+        return [len(c) / 10 for c in completions] if len(seen) == 1 else reward(prompts, completions)
+
+    t = trainer(tmp_path, reward=bad_at_step_2, steps=2)
     with pytest.raises(error, match=message):
         t.train()
-    after = t.policy.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    start, after_step_1, end = seen[0], seen[1], t.policy.state_dict()
+    assert any(not torch.equal(start[k], after_step_1[k]) for k in start)  # step 1 did update
+    assert all(torch.equal(after_step_1[k], end[k]) for k in end)
 
 
 def test_reward_string_must_resolve(tmp_path):
@@ -97,8 +110,20 @@ def test_tokenizer_without_pad_token_uses_eos(tmp_path):
     tok = make_tokenizer(pad=False)
     t = trainer(tmp_path, tokenizer=tok)
     assert tok.pad_token_id == tok.eos_token_id
-    history = t.train()
-    assert history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+    assert len(t.train()) == 1
+    # EOS pads the prompts on the left: each row is still scored as it is alone, unpadded
+    from tether.models.policy import response_forward
+    from tether.ops import gather_logprobs
+
+    gen = t.generate(PROMPTS)
+    batch = t.score(gen.queries, gen.responses)
+    assert (batch.query_ids == tok.eos_token_id).any()  # rows of different lengths: some padding
+    for i, (q, r) in enumerate(zip(gen.queries, gen.responses)):
+        eos_at = (r == tok.eos_token_id).nonzero()
+        assert len(eos_at) == 0 or eos_at[0].item() == len(r) - 1  # the padding token ends a completion
+        with torch.no_grad():
+            logits, _ = response_forward(t.policy.model, q[None], torch.ones_like(q[None]), r[None])
+        torch.testing.assert_close(batch.logprobs[i, :len(r)], gather_logprobs(logits, r[None])[0], atol=1e-5, rtol=0)
 
 
 def test_unknown_logits_processor_is_refused(tmp_path):
@@ -167,6 +192,19 @@ def test_processor_with_a_config_key_is_refused():
     with pytest.raises(ValueError, match="pass TemperatureLogitsWarper as the config key `temperature`"):
         PPOTrainer(PPOConfig(batch_size=4, minibatch_size=2), model=make_model(len(tok)), tokenizer=tok,
                    logits_processors=[lp.TemperatureLogitsWarper(0.5)])
+
+
+def test_a_model_whose_forward_takes_no_position_ids_is_refused(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    class NoPositions(GPT2LMHeadModel):  # as ALiBi models (Bloom): positions come from the mask alone
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    tok = make_tokenizer()
+    model = NoPositions(make_model(len(tok)).config)
+    with pytest.raises(ValueError, match="NoPositions.forward takes no position_ids"):
+        PPOTrainer(PPOConfig(batch_size=4, minibatch_size=2, output_dir=str(tmp_path)), model=model, tokenizer=tok)
 
 
 def test_reference_with_another_vocabulary_is_refused():

@@ -8,7 +8,6 @@ import pytest
 import torch
 import yaml
 from conftest import make_model, make_tokenizer
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tether.cli import main
@@ -25,9 +24,14 @@ def check_run_folder(run, steps: int, critic: bool = True) -> None:
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == set(range(1, steps + 1))
     assert all(isinstance(s["completion"], str) and isinstance(s["score"], float) for s in samples)
-    events = EventAccumulator(str(run / "tb"))
-    events.Reload()
-    assert len(events.Scalars("env/reward_mean")) == steps
+    if importlib.util.find_spec("tensorboard") is not None:  # the optional sink (extra `tensorboard`) writes tb/
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run / "tb"))
+        events.Reload()
+        assert len(events.Scalars("env/reward_mean")) == steps
+    else:
+        assert not (run / "tb").exists()
     pngs = sorted((run / "report").glob("*.png"))
     assert {p.stem for p in pngs} >= plots, pngs
     for png in pngs:
@@ -43,6 +47,7 @@ def check_run_folder(run, steps: int, critic: bool = True) -> None:
 
 
 def test_demo_pipeline_on_tiny_model(tmp_path, capsys):
+    pytest.importorskip("vaderSentiment", reason="the demo's reward needs the `demo` extra: pip install tether[demo]")
     tok = make_tokenizer()
     model_dir = tmp_path / "tiny"
     make_model(len(tok)).save_pretrained(model_dir)
@@ -86,7 +91,7 @@ def test_grpo_example_with_lora_and_checkpointing_on_smollm2(tmp_path):
                  "--lora_r", "8", "--gradient_checkpointing", "true"]) == 0
     check_run_folder(run, steps=2, critic=False)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert abs(rows[0]["ppo/policy/ratio_mean"] - 1) < 1e-3 and rows[0]["objective/kl"] < 1e-3  # starts at ref
+    assert abs(rows[0]["ppo/policy/ratio_mean"] - 1) < 1e-3 and rows[-1]["objective/kl"] > 0  # moved off the adapters-off ref
     assert "ppo/loss/kl" in rows[-1]
     assert (run / "policy" / "adapter" / "adapter_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(run / "policy")

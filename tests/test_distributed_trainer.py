@@ -2,8 +2,10 @@
 process holding them all, and a 2-process `tether ppo` run learns, checkpoints once and resumes."""
 
 import functools
+import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "dist"))
@@ -30,6 +33,15 @@ def _deepspeed_ops_built() -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+def _skip_without_deepspeed() -> None:
+    """DeepSpeed is optional (the `deepspeed` extra) and on a machine without a GPU builds its CPU collective with
+    a C++ compiler: without either, its launches are skipped, not failed."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("needs DeepSpeed: pip install --no-build-isolation 'tether[deepspeed]' (scripts/setup.sh does)")
+    if not torch.cuda.is_available() and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("DeepSpeed on the CPU builds its shared-memory collective with a C++ compiler; none on PATH")
+
+
 def _launch(args: list[str], tmp: Path, kind: str = "ddp", launch_flags: tuple[str, ...] = (), cpu_env: bool = True,
             ok: bool = True) -> subprocess.CompletedProcess:
     """`accelerate launch` with the example config for `kind`, 2 processes on this machine's CPU."""
@@ -37,6 +49,7 @@ def _launch(args: list[str], tmp: Path, kind: str = "ddp", launch_flags: tuple[s
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     if kind in ("zero2", "zero3"):
+        _skip_without_deepspeed()
         _deepspeed_ops_built()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
@@ -81,6 +94,8 @@ PAIRS = [(kind, name) for kind in sorted(CASES) for name in CASES[kind]]
 
 @pytest.mark.parametrize("kind,name", PAIRS)
 def test_two_process_update_equals_one_process_update(two_process, kind, name, tmp_path):
+    if kind.startswith("zero"):
+        _skip_without_deepspeed()  # before the one-process run it would compare with
     one = run(name, tmp_path, rank=0, num=1)
     keys = COMPARED + (["ppo/loss/value", "ppo/val/var_explained", "ppo/returns/mean"] if name.startswith("ppo")
                        else ["ppo/loss/kl"]) + (["ppo/critic_grad_norm"] if "critic" in name else [])
@@ -150,7 +165,7 @@ def test_two_process_tether_ppo_learns_like_one_process_and_resumes(run_files):
         assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2, (name, rewards)
     two = run_files / "two"
     kls = [json.loads(line)["objective/kl"] for line in (two / "metrics.jsonl").read_text().splitlines()]
-    assert all(0 <= k <= 10 for k in kls), kls
+    assert max(kls) <= 10 and kls[-1] > 0, kls  # objective/kl is exact (>= 0 by construction): it moved, bounded
     samples = [json.loads(line) for line in (two / "samples.jsonl").read_text().splitlines()]
     assert len([s for s in samples if s["step"] == 1]) == 16  # both processes' completions, written once
     assert [p.name for p in (two / "checkpoints").iterdir()] == ["step-00000030"]
@@ -176,10 +191,19 @@ def test_sharded_tether_ppo_learns_resumes_and_saves_a_whole_model(run_files, ki
     checkpoint = run_dir / "checkpoints" / "step-00000030"
     assert (checkpoint / "shards").is_dir() and not (checkpoint / "policy.safetensors").exists()
     start = AutoModelForCausalLM.from_pretrained(run_files / "model")
-    trained = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
-    for (name, a), b in zip(start.named_parameters(), trained.parameters()):
-        assert a.shape == b.shape and torch.isfinite(b).all(), name
-    assert any(not torch.equal(a, b) for a, b in zip(start.parameters(), trained.parameters()))
+    # from_pretrained fills a missing weight with a fresh random one of the right shape, so shapes prove nothing:
+    # every weight must be in the file, whole (a process's shard would have fewer elements), and finite
+    trained, info = AutoModelForCausalLM.from_pretrained(run_dir / "policy", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    saved = load_file(run_dir / "policy" / "model.safetensors")
+    whole = start.state_dict()
+    assert {k for k in whole if k != "lm_head.weight"} <= saved.keys()  # GPT-2's LM head is the tied embedding
+    for name, w in saved.items():
+        assert w.shape == whole[name].shape and torch.isfinite(w).all(), name
+    # the gathered weights are the trained ones: every layer moved, not only those on the main process's shard
+    moved = {name.split(".")[2] if name.startswith("transformer.h.") else name
+             for name, w in saved.items() if not torch.equal(w, whole[name])}
+    assert {str(i) for i in range(start.config.n_layer)} <= moved and "transformer.wte.weight" in moved, moved
 
     _launch(["-m", "tether.cli", "ppo", *_flags(run_files, kind, 33), "--resume"], run_files, kind)
     assert len(_rewards(run_dir)) == 33
@@ -205,6 +229,7 @@ def test_launches_tether_cannot_run_are_refused_before_any_work(run_files, kind,
 
 def test_resuming_under_another_sharding_is_refused(run_files):
     """A DDP checkpoint holds whole weights and AdamW states; ZeRO-2 expects its own shards."""
+    _skip_without_deepspeed()
     _launch(["-m", "tether.cli", "ppo", *_flags(run_files, "switch", 2)], run_files, "ddp")
     proc = _launch(["-m", "tether.cli", "ppo", *_flags(run_files, "switch", 3), "--resume"], run_files, "zero2",
                    ok=False)

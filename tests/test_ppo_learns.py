@@ -36,11 +36,12 @@ def train_toward_good(algorithm: str, tmp_path, **keys) -> tuple[list[dict], obj
 
 
 def assert_learned_with_kl_bounded(history: list[dict], gain: float = 0.15) -> None:
-    """Mean reward of the last 5 steps above the first 5 by `gain`; objective/kl in [0, 10] at every step."""
+    """Mean reward of the last 5 steps above the first 5 by `gain`; objective/kl at most 10 at every step and above
+    0 at the end (it is exact, >= 0 by construction: it moved, and stayed bounded)."""
     rewards = [h["env/reward_mean"] for h in history]
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + gain, rewards
     kls = [h["objective/kl"] for h in history]
-    assert all(0 <= k <= 10 for k in kls), kls
+    assert max(kls) <= 10 and kls[-1] > 0, kls
 
 
 def test_tiny_gpt2_learns_share_of_target_token(tmp_path):
@@ -55,7 +56,7 @@ def test_tiny_gpt2_learns_share_of_target_token(tmp_path):
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.25, rewards  # random start: ~1/34 share of 'good'
     kls = [h["objective/kl"] for h in history]
-    assert all(0 <= k <= 10 for k in kls), kls
+    assert max(kls) <= 10 and kls[-1] > 0, kls  # objective/kl is exact (>= 0 by construction): it moved, bounded
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 31))
     assert (tmp_path / "run" / "policy" / "config.json").exists()

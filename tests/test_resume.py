@@ -1,11 +1,11 @@
-"""Runs survive: SIGKILL at random points, resume, and every step's metrics equal the uninterrupted run's."""
+"""Runs survive: SIGKILL at named points (tests/kill_driver.py), resume, and every step's metrics equal the
+uninterrupted run's."""
 
 import json
 import os
-import random
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -47,43 +47,78 @@ def assert_checkpoints_readable(run: Path) -> None:
         assert state["step"] == ckpt.checkpoint_step(path)
 
 
-def test_sigkill_anywhere_then_resume_matches_uninterrupted(setup, tmp_path):
-    straight = tmp_path / "straight"
-    assert main(setup + ["--output_dir", str(straight)]) == 0
+# Adaptive KL and score normalisation: the controller's beta and the running score moments must be restored too.
+STATEFUL = ["--reward", "rewards_for_tests:length", "--adaptive_kl", "true", "--kl_target", "0.05", "--kl_horizon",
+            "40", "--score_norm", "true", "--ppo_epochs", "2"]
+UPDATES_PER_STEP = 2 * 2  # ppo_epochs x batch_size / minibatch_size
 
+
+def _killed_at(command: list[str], point: str, n: int, env: dict) -> None:
+    proc = subprocess.run([sys.executable, str(TESTS / "kill_driver.py"), point, str(n), "--", *command], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, (point, proc.returncode, proc.stderr[-3000:])
+
+
+def test_sigkill_at_named_points_then_resume_matches_uninterrupted(setup, tmp_path):
+    """Killed while generating, right after an optimiser step, and half-way through writing a checkpoint (each at
+    a named call, not after a wall-clock delay), then resumed: every step's metrics, the KL coefficient and the
+    score moments among them, and the final weights equal the uninterrupted run's."""
+    args = setup + STATEFUL + ["--steps", "6"]  # later flags win
+    straight = tmp_path / "straight"
+    assert main(args + ["--output_dir", str(straight)]) == 0
     run = tmp_path / "killed"
+    command = args + ["--output_dir", str(run)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "tether.cli", *setup, "--output_dir", str(run)]
-    rng = random.Random(0)
-    kills = 0
-    for _ in range(6):
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        done_before = len(metrics(run)) if (run / "metrics.jsonl").exists() else 0
-        deadline = time.time() + 60
-        while proc.poll() is None and time.time() < deadline:  # wait for this process's first own step
-            if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) > done_before:
-                break
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.25))  # then kill it somewhere: generating, optimising, checkpointing
-        if proc.poll() is None:
-            proc.kill()
-            kills += 1
-        proc.wait()
+
+    def listed() -> list[int]:
         assert_checkpoints_readable(run)
-        if proc.returncode == 0:
-            break
-    assert kills >= 2, "the run finished before it could be interrupted twice; the test proves nothing"
-    if proc.returncode != 0:
-        assert main(setup + ["--output_dir", str(run)]) == 0
+        return [ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(run / "checkpoints")]
+
+    _killed_at(command, "generate", 3, env)  # sampling step 3
+    assert listed() == [1, 2]
+    _killed_at(command, "optimizer", UPDATES_PER_STEP + 1, env)  # resumed at 2; step 4's first update done
+    assert listed() == [2, 3]
+    _killed_at(command, "checkpoint", 3, env)  # resumed at 3; step 4 writes 2 files, then step 5's first one
+    assert listed() == [3, 4]
+    assert main(command) == 0
+
     a, b = metrics(straight), metrics(run)
-    assert [m["step"] for m in b] == list(range(1, STEPS + 1))
+    assert [m["step"] for m in b] == list(range(1, 7))  # step 5, logged before its checkpoint died, once
+    kl_coefs = [m["objective/kl_coef"] for m in a]
+    assert len(set(kl_coefs)) == 6  # the controller moved beta every step: restoring it matters
     for x, y in zip(a, b):
         assert x.keys() == y.keys()
         for key in x:
             assert y[key] == pytest.approx(x[key], abs=1e-6, nan_ok=True), (x["step"], key)
-    for p, q in zip(load_file(straight / "checkpoints" / f"step-{STEPS:08d}" / ckpt.WEIGHTS).values(),
-                    load_file(run / "checkpoints" / f"step-{STEPS:08d}" / ckpt.WEIGHTS).values()):
+    final = f"step-{6:08d}"
+    for p, q in zip(load_file(straight / "checkpoints" / final / ckpt.WEIGHTS).values(),
+                    load_file(run / "checkpoints" / final / ckpt.WEIGHTS).values()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+    for name in ("kl_ctl", "score_moments"):
+        want = torch.load(straight / "checkpoints" / final / ckpt.STATE, weights_only=False)[name]
+        assert torch.load(run / "checkpoints" / final / ckpt.STATE, weights_only=False)[name] == pytest.approx(want)
+
+
+def test_resuming_with_another_process_count_is_refused_before_any_weight_is_loaded(setup, tmp_path):
+    from tether.config import PPOConfig
+    from tether.trainers import PPOTrainer
+
+    run = tmp_path / "run"
+    assert main(setup + ["--output_dir", str(run), "--steps", "1"]) == 0
+    given = dict(zip(setup[1::2], setup[2::2]))  # the same run as the CLI's flags
+    trainer = PPOTrainer(PPOConfig(model=given["--model"], prompts=given["--prompts"], reward=given["--reward"],
+                                   batch_size=4, minibatch_size=2, max_new_tokens=6, top_k=8, learning_rate=3e-3,
+                                   seed=3, steps=2, resume=True, output_dir=str(run)))
+    before = {k: v.clone() for k, v in trainer.trainable.state_dict().items()}
+    trainer.comm.num = 2  # as a launch on two processes would see it
+    with pytest.raises(ValueError, match=r"was written by 1 process\(es\), this run has 2; .* resume with the same"):
+        trainer.resume()
+    assert trainer.step_count == 0
+    assert all(torch.equal(before[k], v) for k, v in trainer.trainable.state_dict().items())
+    trainer.comm.num = 1
+    trainer.resume()  # the same checkpoint does resume with one process, and loads the trained weights
+    assert trainer.step_count == 1
+    assert any(not torch.equal(before[k], v) for k, v in trainer.trainable.state_dict().items())
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(setup, tmp_path, monkeypatch):

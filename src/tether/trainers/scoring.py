@@ -31,7 +31,8 @@ def policy_logprobs(sampler: Sampler, logits: Tensor, query_ids: Tensor, query_m
 
     A token sampled right at a top-k / top-p boundary can land outside the replayed support by float round-off
     (cached vs teacher-forced forward): scoring finds those (`flipped`) and they are scored untruncated instead of
-    -inf, at rollout time and in every update alike, so their ratio starts at 1."""
+    -inf, at rollout time and in every update alike, so their ratio starts at 1. score_rollouts refuses a flipped
+    token that is more than round-off outside (`outside_support`)."""
     ids = torch.cat([query_ids, response_ids], 1)
     scores = sampler.sequence_scores(logits, ids, torch.cat([query_mask, torch.ones_like(response_ids)], 1))
     stats = None
@@ -45,6 +46,31 @@ def policy_logprobs(sampler: Sampler, logits: Tensor, query_ids: Tensor, query_m
     if flipped is not None and flipped.any():
         logprobs = torch.where(flipped, gather_logprobs(sampler.reference_scores(logits), response_ids), logprobs)
     return logprobs, flipped, stats, entropy_from_logits(scores) if entropy else None
+
+
+# How far a replayed raw logit may sit from the one that sampled and still count as round-off: relative to the
+# logit, as cached and teacher-forced forward passes (and bf16 autocast) differ by a share of its size.
+ROUND_OFF = 1e-2
+
+
+def outside_support(sampler: Sampler, logits: Tensor, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor,
+                    flipped: Tensor) -> Tensor:
+    """(B, T) bool: the flipped tokens that are not round-off. A token the replay puts just outside top-k / top-p
+    comes back inside when its own logit is nudged up by ROUND_OFF (1 + |logit|); one that stays outside (far from
+    the boundary, or banned outright: min_new_tokens, n-gram blocking, a processor's ban) had probability 0 under
+    this sampler, so it was not sampled by it."""
+    if not flipped.any():
+        return flipped
+    rows = flipped.any(-1).nonzero().flatten()
+    x, tokens = logits[rows].float().clone(), response_ids[rows, :, None]
+    picked = x.gather(-1, tokens)
+    x.scatter_(-1, tokens, picked + ROUND_OFF * (1 + picked.abs()))
+    ids = torch.cat([query_ids[rows], response_ids[rows]], 1)
+    nudged = gather_logprobs(sampler.sequence_scores(
+        x, ids, torch.cat([query_mask[rows], torch.ones_like(response_ids[rows])], 1)), response_ids[rows])
+    out = torch.zeros_like(flipped)
+    out[rows] = flipped[rows] & ~torch.isfinite(nudged)
+    return out
 
 
 def kl_logprobs(sampler: Sampler, logits: Tensor, logprobs: Tensor, response_ids: Tensor) -> Tensor:
@@ -71,6 +97,13 @@ def score_rollouts(forward: Forward, ref_forward: Callable[[Tensor, Tensor, Tens
         ref_logits = ref_forward(q_ids[idx], q_mask[idx], r_ids[idx])
         logprobs, flipped, stats, _ = policy_logprobs(sampler, logits, q_ids[idx], q_mask[idx], r_ids[idx],
                                                    ref_logits=ref_logits, mask=mask[idx])
+        outside = outside_support(sampler, logits, q_ids[idx], q_mask[idx], r_ids[idx], flipped)
+        if outside.any():  # refused, not relabelled: its ratio and KL would be those of another distribution
+            i, t = outside.nonzero()[0].tolist()
+            raise ValueError(f"response {idx[i].item()} token {t} (id {r_ids[idx[i], t].item()}) has probability 0 "
+                             f"under the sampler (top_k / top_p / min_new_tokens / n-gram blocking / a logits "
+                             f"processor), beyond float round-off: it was not sampled with these settings. step() "
+                             f"needs responses sampled by generate(), or under the same settings")
         kl = estimator.fn(kl_logprobs(sampler, logits, logprobs, r_ids[idx]) if kl_in_loss else logprobs,
                           stats.ref_logprobs)
         parts.append((logprobs, stats.ref_logprobs, values, kl, stats.kl, stats.entropy, flipped))
