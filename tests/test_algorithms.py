@@ -227,7 +227,7 @@ def test_kl_in_loss_ignores_padding_after_eos_even_under_top_k(tmp_path):
     responses = list(gen.responses)
     responses[0] = torch.cat([responses[0], torch.tensor([pad, pad, pad])])  # padding the sampler never drew
     batch = trainer.score(gen.queries, responses)
-    replayed, _, _ = policy_logprobs(trainer.sampler, trainer.trainable(batch.query_ids, batch.query_mask,
+    replayed, _, _, _ = policy_logprobs(trainer.sampler, trainer.trainable(batch.query_ids, batch.query_mask,
                                                                         batch.response_ids)[0],
                                      batch.query_ids, batch.query_mask, batch.response_ids)
     assert torch.isneginf(replayed[0][batch.mask[0] == 0]).any()  # the case at hand: padding replays to -inf
