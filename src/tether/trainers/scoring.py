@@ -6,6 +6,7 @@ gradients (with the reference's logits, so that entropy and the exact KL come fr
 the update calls it on every micro-batch with gradients."""
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -13,6 +14,7 @@ from torch import Tensor
 from tether.ops import gather_logprobs
 from tether.ops.logprobs import TokenStats, entropy_from_logits, token_stats
 from tether.ops.masks import response_mask
+from tether.models.policy import response_forward
 from tether.rollout import Sampler
 from tether.rollout.batch import Rollouts
 from tether.trainers.batching import left_pad, right_pad
@@ -77,3 +79,9 @@ def score_rollouts(forward: Forward, ref_forward: Callable[[Tensor, Tensor, Tens
     logprobs, ref_logprobs, values, kl, kl_exact, entropy = (
         None if t is None else torch.where(mask.bool(), t, 0.0) for t in tensors)
     return Rollouts(q_ids, q_mask, r_ids, mask, logprobs, ref_logprobs, flipped, values, kl, kl_exact, entropy)
+
+
+def reference_logits(model, peft, q_ids: Tensor, q_mask: Tensor, r_ids: Tensor) -> Tensor:
+    """Reference logits (B, T, V): the frozen copy, or with LoRA (`peft`) the policy's LM with its adapters off."""
+    with peft.disable_adapter() if peft is not None else nullcontext():
+        return response_forward(model, q_ids, q_mask, r_ids)[0]
