@@ -181,3 +181,30 @@ def test_held_out_evaluation_is_logged_before_during_and_after_and_leaves_traini
     assert [h["objective/kl"] for h in with_eval] == [h["objective/kl"] for h in plain]
     report = (tmp_path / "a" / "report" / "report.html").read_text()
     assert "Held-out reward (eval/reward_mean), by step" in report and "eval_reward_mean.png" in report
+
+
+def test_the_conversational_examples_are_valid_configs_with_conversation_prompts():
+    from pathlib import Path
+
+    from tether.cli import build_parser, config_from_args
+
+    root = Path(__file__).parents[1]
+    for name in ("chat_sentiment", "chain_sum"):
+        args = build_parser().parse_args(["demo", "--config", str(root / "examples" / f"{name}.yaml")])
+        config = config_from_args(args.demo, "demo")
+        rows = load_prompt_rows(str(root / config.prompts), config.prompt_column)
+        assert len(rows.prompts) >= 100 and all(isinstance(p, list) and p[-1]["role"] == "user" for p in rows.prompts)
+
+
+@pytest.mark.slow
+def test_smollm2_keeps_its_chat_template_through_the_gguf_conversion():
+    from transformers import AutoTokenizer
+
+    from tether.models.smollm2 import smollm2_path
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    assert tok.chat_template
+    ids = template_ids(tok, [{"role": "user", "content": "2 + 3 ="}])
+    text = tok.decode(ids)
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+    assert tok.eos_token == "<|im_end|>"  # the reply ends where the template closes a turn
