@@ -158,7 +158,8 @@ def test_the_ended_flag_is_right_for_finished_and_truncated_completions(tmp_path
     assert all(n == 4 for n, e in zip(tokens, ended) if not e)
 
 
-def test_held_out_evaluation_is_logged_before_during_and_after_and_leaves_training_alone(tmp_path):
+@pytest.mark.parametrize("sampling", ["greedy", "train"])
+def test_held_out_evaluation_is_logged_before_during_and_after_and_leaves_training_alone(tmp_path, sampling):
     tok = chat_tokenizer()
     eval_path = tmp_path / "eval.jsonl"
     eval_path.write_text("".join(json.dumps(r) + "\n" for r in answer_rows(5)))
@@ -171,7 +172,7 @@ def test_held_out_evaluation_is_logged_before_during_and_after_and_leaves_traini
                         max_new_tokens=3, output_dir=str(tmp_path / out), report_to=["none"], **keys)
         return GRPOTrainer(cfg, model=make_model(len(tok)), tokenizer=tok, prompts=answer_rows(4), reward=reward).train()
 
-    with_eval = run("a", eval_prompts=str(eval_path), eval_every=2)
+    with_eval = run("a", eval_prompts=str(eval_path), eval_every=2, eval_sampling=sampling)
     plain = run("b")
     records = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval/reward_mean" in r] == [0, 2, 3]

@@ -49,11 +49,15 @@ class PPOConfig:
     combining several with weights (docs/rewards.md); the Python API also takes a callable. Built-in verifiers:
     tether.rewards.verifiable:exact_match, :numeric_answer, :math_answer, :format_reward."""
     eval_prompts: str | None = None
-    """Held-out prompts (same formats and columns as `prompts`, never trained on): greedy completions of them are
-    scored by the reward before the first step, every eval_every steps and after the last, logged as
+    """Held-out prompts (same formats and columns as `prompts`, never trained on): their completions (greedy, or
+    see eval_sampling) are scored by the reward before the first step, every eval_every steps and after the last,
+    logged as
     eval/reward_mean (the accuracy, for a 0/1 verifier) and eval/reward/<name>_mean."""
     eval_every: int = 0
     """With eval_prompts: evaluate every this many steps as well (0 = only before the first and after the last)."""
+    eval_sampling: Literal["greedy", "train"] = "greedy"
+    """How eval_prompts are answered: greedy (the argmax token each step), or train (sampled as training samples:
+    temperature, top_k, top_p and the other sampling keys), on the evaluation's own generator either way."""
     output_dir: str = "runs/ppo"
     """Run folder: metrics.jsonl, samples, resolved config, final policy."""
     seed: int = 0
@@ -347,6 +351,8 @@ def _errors(c: PPOConfig):
     if (c.whiten_advantages or c.whiten_rewards) and c.batch_size == 1:
         problems.append("batch_size=1 cannot be whitened (a one-token response leaves one value); use batch_size >= 2 "
                         "or set whiten_advantages=false and whiten_rewards=false")
+    if c.eval_sampling not in ("greedy", "train"):
+        problems.append(f"eval_sampling={c.eval_sampling!r} must be greedy or train")
     problems.extend(_loss_errors(c))
     problems.extend(scheduler_and_device_errors(c))
     problems.extend(tracker_key_errors(c))

@@ -1,7 +1,8 @@
-"""Held-out evaluation: greedy completions of `eval_prompts`, scored by the run's reward.
+"""Held-out evaluation: completions of `eval_prompts`, scored by the run's reward.
 
-Greedy (top_k=1: the argmax of the policy's logits), so the number moves only when the policy does, not with
-sampling noise; its own generator, so evaluating never changes the training run's random draws. A reward with
+Greedy by default (top_k=1: the argmax of the policy's logits), so the number moves only when the policy does,
+not with sampling noise; `eval_sampling: train` samples as training does. Its own generator (seeded alike every
+time), so evaluating never changes the training run's random draws. A reward with
 state (a running normalisation) is put back as it was afterwards: evaluation must not move what training sees.
 On several processes each takes an equal share (the last prompt repeated, uncounted, to even them out), so
 sharded models decode in step, and the means are over every process's rows."""
@@ -43,7 +44,7 @@ def evaluate(trainer) -> dict[str, float]:
     per = math.ceil(n / comm.num)
     mine = range(comm.rank * per, (comm.rank + 1) * per)
     index, weight = [min(i, n - 1) for i in mine], torch.tensor([float(i < n) for i in mine], dtype=torch.float64)
-    greedy = Sampler(trainer.eos_token_ids, 1.0, top_k=1)
+    sampler = Sampler(trainer.eos_token_ids, 1.0, top_k=1) if c.eval_sampling == "greedy" else trainer.sampler
     generator = torch.Generator(trainer.device).manual_seed(c.seed)
     state = copy.deepcopy(trainer.reward.state_dict()) if hasattr(trainer.reward, "load_state_dict") else None
     totals = {}
@@ -52,7 +53,7 @@ def evaluate(trainer) -> dict[str, float]:
         queries = [trainer.encode(rows.prompts[i], f"eval_prompts row {i}") for i in chunk]
         ids, mask = left_pad(queries, tok.pad_token_id)
         with trainer.autocast():
-            rollout = trainer.trainable.rollout(greedy, ids.to(trainer.device), mask.to(trainer.device),
+            rollout = trainer.trainable.rollout(sampler, ids.to(trainer.device), mask.to(trainer.device),
                                                 c.max_new_tokens, tok.pad_token_id, generator,
                                                 all_done=partial(_all_done, comm) if trainer.ranks.sharded else None)
         lengths = rollout.response_mask.sum(-1).long().tolist()
