@@ -217,7 +217,8 @@ def _held_out(metrics: Path) -> list[tuple[int, float]]:
     """(step, eval/reward_mean) of every held-out evaluation in a run's metrics.jsonl."""
     import json
 
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    records = [json.loads(line) for line in lines if line.strip()]
     return [(r["step"], r["eval/reward_mean"]) for r in records if r.get("eval/reward_mean") is not None]
 
 
