@@ -115,7 +115,8 @@ def draw_comparison(runs: dict[str, dict[str, Series]], out_dir: Path) -> list[P
     """Write `compare_<name>.png` into `out_dir` for each metric in PLOTS, every run's curve on the same axes
     (labelled by the keys of `runs`); a Plot without a file when no run logged that metric."""
     drawn = []
-    for plot in PLOTS + tuple(p for p in OPTIONAL_PLOTS if series.get(p.key) and series[p.key].values):
+    logged = lambda key: any(key in s and s[key].values for s in runs.values())  # noqa: E731
+    for plot in PLOTS + tuple(p for p in OPTIONAL_PLOTS if logged(p.key)):
         present = {label: series[plot.key] for label, series in runs.items()
                    if plot.key in series and series[plot.key].values}
         if not present:
