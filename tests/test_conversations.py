@@ -209,3 +209,39 @@ def test_smollm2_keeps_its_chat_template_through_the_gguf_conversion():
     text = tok.decode(ids)
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
     assert tok.eos_token == "<|im_end|>"  # the reply ends where the template closes a turn
+
+
+def test_on_two_processes_each_process_gets_its_shares_columns():
+    """collect's sampling as rank 0 and rank 1 of 2 (the same data order on both, as the trainer seeds it): each
+    process scores its half of the global batch, every completion with its own prompt row's answer, and the two
+    halves together are the one-process batch."""
+    from types import SimpleNamespace
+
+    from tether.rollout.batch import Generation
+    from tether.trainers.collect import _sample
+    from tether.trainers.state import Progress
+
+    rows = answer_rows(8)
+    cfg = PPOConfig(algorithm="grpo", batch_size=8, num_generations=2, minibatch_size=4)
+
+    def share(rank, num, local_batch):
+        seen = []
+
+        def reward(prompts, completions, answer):
+            seen.extend(zip(prompts, answer))
+            return [0.0] * len(completions)
+
+        stub = SimpleNamespace(
+            config=cfg, comm=SimpleNamespace(rank=rank, num=num), progress=Progress(torch.Generator().manual_seed(5)),
+            prompts=[r["prompt"] for r in rows], prompt_texts=[str(i) for i in range(8)],
+            prompt_columns=[{"answer": r["answer"]} for r in rows], encoded_prompts=[torch.tensor([i]) for i in range(8)],
+            generate=lambda q: Generation(list(q), [torch.tensor([3])] * len(q), ["x"] * len(q)), reward=reward,
+            reward_keywords=("answer",), eos_token_ids=[0], local_batch=local_batch, device=torch.device("cpu"))
+        got = _sample(stub)
+        assert got.columns["answer"] == [a for _, a in seen]
+        return seen
+
+    halves = share(0, 2, 4) + share(1, 2, 4)
+    assert halves == share(0, 1, 8)  # the two shares are the one-process batch, in order
+    assert all(answer == f"answer-{int(text)}" for text, answer in halves)  # each its own row's answer
+    assert len({a for _, a in halves}) == 4  # four prompts x two completions
