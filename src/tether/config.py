@@ -34,11 +34,30 @@ class PPOConfig:
     strings or a Dataset (the demo's: tether.demo:movie_review_openings); the Python API also takes a list or a
     Dataset."""
     prompt_column: str = "prompt"
-    """Column holding the prompt text in the prompt file or Dataset."""
+    """Column holding each row's prompt in the prompt file or Dataset: a string, or a conversation (a list of
+    chat messages `{"role": ..., "content": ...}`, rendered with the tokenizer's chat template and the generation
+    prompt). Left at `prompt`, a `messages` column is used when there is no `prompt` one. The other columns go
+    to the reward by keyword."""
+    chat_template: str | None = None
+    """Chat template for conversation prompts, replacing the tokenizer's own: a Jinja template file, or the name
+    of one shipped with tether (chatml). Unset: the tokenizer's template; conversations given to a tokenizer
+    without one are refused before any model loads."""
     reward: str | None = None
     """Reward: `package.module:function` taking (prompts, completions) -> list of floats (and, by keyword if
-    it names them or takes **kwargs, `ended` and `completion_tokens` per completion), or a folder with a
-    sequence-classification reward model (the Python API also takes a callable)."""
+    it names them or takes **kwargs, `ended` and `completion_tokens` per completion and any other column of the
+    prompt row, such as `answer`), a folder with a sequence-classification reward model, or a .yaml reward spec
+    combining several with weights (docs/rewards.md); the Python API also takes a callable. Built-in verifiers:
+    tether.rewards.verifiable:exact_match, :numeric_answer, :math_answer, :format_reward."""
+    eval_prompts: str | None = None
+    """Held-out prompts (same formats and columns as `prompts`, never trained on): their completions (greedy, or
+    see eval_sampling) are scored by the reward before the first step, every eval_every steps and after the last,
+    logged as
+    eval/reward_mean (the accuracy, for a 0/1 verifier) and eval/reward/<name>_mean."""
+    eval_every: int = 0
+    """With eval_prompts: evaluate every this many steps as well (0 = only before the first and after the last)."""
+    eval_sampling: Literal["greedy", "train"] = "greedy"
+    """How eval_prompts are answered: greedy (the argmax token each step), or train (sampled as training samples:
+    temperature, top_k, top_p and the other sampling keys), on the evaluation's own generator either way."""
     output_dir: str = "runs/ppo"
     """Run folder: metrics.jsonl, samples, resolved config, final policy."""
     seed: int = 0
@@ -302,7 +321,7 @@ def _errors(c: PPOConfig):
         positive(name)
     for name in ("min_new_tokens", "top_k", "no_repeat_ngram_size", "init_kl_coef", "vf_coef", "weight_decay",
                  "max_grad_norm", "warmup_steps", "samples_every", "score_scale", "checkpoint_every", "lora_r",
-                 "missing_eos_penalty"):
+                 "missing_eos_penalty", "eval_every"):
         non_negative(name)
     in_unit("top_p", low_open=True)
     in_unit("gamma", low_open=False)
@@ -332,6 +351,8 @@ def _errors(c: PPOConfig):
     if (c.whiten_advantages or c.whiten_rewards) and c.batch_size == 1:
         problems.append("batch_size=1 cannot be whitened (a one-token response leaves one value); use batch_size >= 2 "
                         "or set whiten_advantages=false and whiten_rewards=false")
+    if c.eval_sampling not in ("greedy", "train"):
+        problems.append(f"eval_sampling={c.eval_sampling!r} must be greedy or train")
     problems.extend(_loss_errors(c))
     problems.extend(scheduler_and_device_errors(c))
     problems.extend(tracker_key_errors(c))

@@ -42,7 +42,7 @@ def _mean(values: list[float]) -> float | None:
 
 def summarize(series: dict[str, Series]) -> list[tuple[str, str]]:
     """(label, html) rows of the summary table; values are already escaped/formatted."""
-    steps = sorted({step for s in series.values() for step in s.steps})
+    steps = sorted({step for key, s in series.items() if not key.startswith("eval/") for step in s.steps})
     rows = [("Steps logged", f"{len(steps)}" + (f" (step {steps[0]} to {steps[-1]})" if steps else ""))]
     reward = series.get("env/reward_mean", Series()).values
     first, last = _mean(reward[:3]), _mean(reward[-3:])
@@ -68,6 +68,13 @@ def summarize(series: dict[str, Series]) -> list[tuple[str, str]]:
         more = f" and {len(outside) - 5} more" if len(outside) > 5 else ""
         verdict = f'<span class="bad">no, {len(outside)} of {len(kl.values)} steps outside ({shown}{more})</span>'
     rows.append((f"KL stayed in [{low:g}, {high:g}]", verdict))
+    held_out = series.get("eval/reward_mean", Series())
+    if held_out.values:  # eval_prompts: greedy completions of prompts never trained on
+        rows.append(("Held-out reward (eval/reward_mean), by step", ", ".join(
+            f"step {s}: {_fmt(v)}" for s, v in zip(held_out.steps, held_out.values))))
+        rows.append(("Change in held-out reward, first to last evaluation",
+                     ("+" if held_out.values[-1] > held_out.values[0] else "")
+                     + _fmt(held_out.values[-1] - held_out.values[0])))
     return rows
 
 

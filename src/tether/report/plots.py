@@ -39,6 +39,11 @@ PLOTS = (
     Plot("tokens/response_len_mean", "Response length", "tokens (mean over batch)"),
     Plot("ppo/loss/value", "Value loss", "ppo/loss/value"),
 )
+# Drawn only when the run logged them (no "was not logged" note): runs without eval_prompts have none.
+OPTIONAL_PLOTS = (
+    Plot("eval/reward_mean", "Held-out reward (eval_prompts, greedy; the accuracy for a 0/1 verifier)",
+         "reward (mean over held-out prompts)"),
+)
 
 
 def _axes(title: str, ylabel: str):
@@ -88,7 +93,7 @@ def _kl_band(axes) -> None:
 def draw_plots(series: dict[str, Series], out_dir: Path) -> list[Plot]:
     """Write `<name>.png` into `out_dir` for each metric in PLOTS that was logged."""
     drawn = []
-    for plot in PLOTS:
+    for plot in PLOTS + tuple(p for p in OPTIONAL_PLOTS if series.get(p.key) and series[p.key].values):
         data = series.get(plot.key)
         if data is None or not data.values:
             drawn.append(plot)
@@ -110,7 +115,8 @@ def draw_comparison(runs: dict[str, dict[str, Series]], out_dir: Path) -> list[P
     """Write `compare_<name>.png` into `out_dir` for each metric in PLOTS, every run's curve on the same axes
     (labelled by the keys of `runs`); a Plot without a file when no run logged that metric."""
     drawn = []
-    for plot in PLOTS:
+    logged = lambda key: any(key in s and s[key].values for s in runs.values())  # noqa: E731
+    for plot in PLOTS + tuple(p for p in OPTIONAL_PLOTS if logged(p.key)):
         present = {label: series[plot.key] for label, series in runs.items()
                    if plot.key in series and series[plot.key].values}
         if not present:

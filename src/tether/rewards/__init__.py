@@ -28,7 +28,7 @@ def resolve_reward(reward, device: torch.device | str = "cpu", batch_size: int =
     """A callable as is; `package.module:function` imported; a folder loaded as a reward model; a .yaml/.yml
     file built as a combined reward (weights, query baseline, normalisation, clipping; see rewards.compose)."""
     if callable(reward):
-        return reward
+        return _ready(reward)
     if not isinstance(reward, str) or not reward:
         raise ValueError("no reward given: pass a callable, `package.module:function`, a reward-model folder or "
                          "a YAML reward spec")
@@ -40,4 +40,13 @@ def resolve_reward(reward, device: torch.device | str = "cpu", batch_size: int =
     if ":" not in reward:
         raise ValueError(f"reward {reward!r} is neither `package.module:function` nor an existing folder "
                          f"(nor a .yaml reward spec)")
-    return import_reward(reward)
+    return _ready(import_reward(reward))
+
+
+def _ready(reward: RewardFn) -> RewardFn:
+    """A reward with a `check_requirements` attribute (math_answer: its optional package) runs it now, at
+    set-up, so a missing package is named before any model loads."""
+    check = getattr(reward, "check_requirements", None)
+    if callable(check):
+        check()
+    return reward

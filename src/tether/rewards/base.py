@@ -1,8 +1,8 @@
 """Reward adapters: everything becomes `(prompts, completions, **info) -> list[float]`, checked on return.
 
-`info` is what tether knows about each completion (COMPLETION_INFO); a reward receives the keys its signature
-names (all of them with `**kwargs`), read once at set-up by `accepted_keywords`, so plain
-`(prompts, completions)` callables keep working."""
+`info` is what tether knows about each completion (COMPLETION_INFO) and the other columns of its prompt row (an
+`answer`, a `task`, ...); a reward receives the keys its signature names (all of them with `**kwargs`), read once
+at set-up by `accepted_keywords`, so plain `(prompts, completions)` callables keep working."""
 
 import importlib
 import inspect
@@ -42,16 +42,29 @@ def import_reward(reward: str) -> RewardFn:
     return fn
 
 
-def accepted_keywords(reward: RewardFn, available=tuple(COMPLETION_INFO)) -> tuple[str, ...]:
-    """The keywords of `available` that `reward` takes: those its signature names, or all with **kwargs."""
+def keyword_names(reward: RewardFn) -> frozenset[str] | None:
+    """The keywords `reward` takes besides (prompts, completions): those its signature names, None with **kwargs
+    (it takes any). A builtin or C callable without a signature: none."""
     try:
         params = inspect.signature(reward).parameters
-    except (TypeError, ValueError):  # a builtin or C callable without a signature: the plain two arguments
-        return ()
+    except (TypeError, ValueError):
+        return frozenset()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return tuple(available)
+        return None
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return tuple(k for k in available if k in params and params[k].kind in named)
+    return frozenset(k for k, p in params.items() if p.kind in named)
+
+
+def accepted_keywords(reward: RewardFn, available=tuple(COMPLETION_INFO)) -> tuple[str, ...]:
+    """The keywords of `available` that `reward` takes: those its signature names, or all with **kwargs.
+    available: what tether knows about each completion (COMPLETION_INFO) and the prompt rows' other columns."""
+    names = keyword_names(reward)
+    return tuple(available) if names is None else tuple(k for k in available if k in names)
+
+
+def pass_on(names: frozenset[str] | None, info: dict) -> dict:
+    """The entries of `info` a reward whose keyword_names are `names` takes (wrappers hand on what they got)."""
+    return dict(info) if names is None else {k: v for k, v in info.items() if k in names}
 
 
 def score_batch(reward: RewardFn, prompts: list[str], completions: list[str], info: dict | None = None) -> torch.Tensor:

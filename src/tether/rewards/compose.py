@@ -1,7 +1,8 @@
 """Reward composition: several rewards, each optionally baselined, normalised and clipped, summed with weights.
 
-Every piece is itself a reward `(prompts, completions) -> list[float]`, so pieces nest and the PPO trainer
-sees one callable. The same composition comes from a YAML spec (`reward: examples/rewards.yaml`):
+Every piece is itself a reward `(prompts, completions, **info) -> list[float]`, so pieces nest and the PPO
+trainer sees one callable; each hands on to the reward it wraps the keywords that one takes (an `answer`
+column, `ended`, ...). The same composition comes from a YAML spec (`reward: examples/rewards.yaml`):
 
     components:
       - reward: runs/reward-minilm      # a reward-model folder or package.module:function
@@ -11,12 +12,14 @@ sees one callable. The same composition comes from a YAML spec (`reward: example
         clip: 3.0                       # to [-3, 3]
       - reward: tether.demo:vader_reward
         weight: 0.5
+        name: vader                     # logged as env/reward/vader_mean (default: the function's name)
 
 Per component the order is: baseline -> normalise -> clip -> weight (clip bounds the normalised value,
 so `clip: 3` means three running standard deviations, whatever the reward's own scale).
 """
 
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from tether.rewards.base import RewardError, RewardFn, score_batch
+from tether.rewards.base import RewardError, RewardFn, keyword_names, pass_on, score_batch
 from tether.ops.rewards import RunningMoments
 
 
@@ -36,13 +39,19 @@ class QueryBaseline:
 
     def __init__(self, reward: RewardFn, cache_size: int = 65536) -> None:
         self.reward, self.cache_size = reward, cache_size
+        self._names = keyword_names(reward)
         self._cache: OrderedDict[str, float] = OrderedDict()
 
-    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
-        full = score_batch(self.reward, prompts, completions)
+    def __call__(self, prompts: list[str], completions: list[str], **info) -> list[float]:
+        info = pass_on(self._names, info)
+        full = score_batch(self.reward, prompts, completions, info)
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         if missing:
-            for p, s in zip(missing, score_batch(self.reward, missing, [""] * len(missing)).tolist()):
+            # r(q): the empty completion, with its prompt row's columns (that of the prompt's first row)
+            first = [prompts.index(p) for p in missing]
+            empty = {k: [True if k == "ended" else 0 if k == "completion_tokens" else v[i] for i in first]
+                     for k, v in info.items()}
+            for p, s in zip(missing, score_batch(self.reward, missing, [""] * len(missing), empty).tolist()):
                 if math.isfinite(s):  # a nan is passed on (the trainer skips that step), never remembered
                     self._cache[p] = s
             while len(self._cache) > self.cache_size:
@@ -60,10 +69,11 @@ class RunningNormalize:
 
     def __init__(self, reward: RewardFn, eps: float = 1e-8) -> None:
         self.reward, self.eps = reward, eps
+        self._names = keyword_names(reward)
         self.moments = RunningMoments()
 
-    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
-        scores = score_batch(self.reward, prompts, completions)
+    def __call__(self, prompts: list[str], completions: list[str], **info) -> list[float]:
+        scores = score_batch(self.reward, prompts, completions, pass_on(self._names, info))
         # Only finite scores update the statistics: score_batch passes nan/inf on (the PPO trainer skips
         # that step), and one of them in the moments would turn every later score into nan.
         self.moments.update(torch.tensor(_every_process(scores[torch.isfinite(scores)].tolist())))
@@ -92,26 +102,39 @@ class Clip:
         if not limit > 0:
             raise ValueError(f"clip limit must be > 0, got {limit!r}")
         self.reward, self.limit = reward, limit
+        self._names = keyword_names(reward)
 
-    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
-        return score_batch(self.reward, prompts, completions).clamp(-self.limit, self.limit).tolist()
+    def __call__(self, prompts: list[str], completions: list[str], **info) -> list[float]:
+        scores = score_batch(self.reward, prompts, completions, pass_on(self._names, info))
+        return scores.clamp(-self.limit, self.limit).tolist()
 
 
 class WeightedSum:
-    """sum_i w_i * r_i(prompts, completions). state_dict() collects the stateful components' states."""
+    """sum_i w_i * r_i(prompts, completions, **info). state_dict() collects the stateful components' states.
 
-    def __init__(self, components: list[tuple[RewardFn, float]]) -> None:
+    names: one per component, each unique (default: the function's name, or its class's); after each call
+    `parts` holds every component's scores (B,) by name, before its weight (after its baseline, normalisation
+    and clip), which the trainer logs as env/reward/<name>_mean."""
+
+    def __init__(self, components: list[tuple[RewardFn, float]], names: list[str] | None = None) -> None:
         if not components:
             raise ValueError("WeightedSum needs at least one (reward, weight) component")
-        self.components = components
+        names = list(names) if names is not None else unique_names([default_name(r) for r, _ in components])
+        if len(names) != len(components) or len(set(names)) != len(names):
+            raise ValueError(f"WeightedSum needs one unique name per component, got {names}")
+        self.components, self.names = components, names
+        self._keywords = [keyword_names(reward) for reward, _ in components]
+        self.parts: dict[str, torch.Tensor] = {}
 
-    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
-        total = torch.zeros(len(completions))
-        for i, (reward, weight) in enumerate(self.components):
+    def __call__(self, prompts: list[str], completions: list[str], **info) -> list[float]:
+        total, parts = torch.zeros(len(completions)), {}
+        for i, ((reward, weight), name) in enumerate(zip(self.components, self.names)):
             try:
-                total += weight * score_batch(reward, prompts, completions)
+                parts[name] = score_batch(reward, prompts, completions, pass_on(self._keywords[i], info))
             except (RewardError, ValueError, TypeError) as err:  # plain constructors: safe to re-raise by type
-                raise type(err)(f"reward component {i}: {err}") from err
+                raise type(err)(f"reward component {i}: {err} (component {i} is named {name!r})") from err
+            total += weight * parts[name]
+        self.parts = parts
         return total.tolist()
 
     def state_dict(self) -> dict:
@@ -138,6 +161,23 @@ def _load_state(reward, state: dict) -> None:
         _load_state(reward.reward, state["inner"])
 
 
+def default_name(reward) -> str:
+    """A component's name in the metrics: the wrapped function's name (a spec's `a.b:f` -> f), else its class's."""
+    while isinstance(reward, (QueryBaseline, RunningNormalize, Clip)):
+        reward = reward.reward
+    return getattr(reward, "__name__", None) or type(reward).__name__
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """names with a repeated one numbered (f, f_2, f_3)."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return out
+
+
 def compose(reward: RewardFn, query_baseline: bool = False, normalize: bool = False,
             clip: float | None = None) -> RewardFn:
     """Wrap one reward in the optional stages, in the documented order."""
@@ -150,7 +190,8 @@ def compose(reward: RewardFn, query_baseline: bool = False, normalize: bool = Fa
     return reward
 
 
-_COMPONENT_KEYS = {"reward", "weight", "query_baseline", "normalize", "clip"}
+_COMPONENT_KEYS = {"reward", "weight", "query_baseline", "normalize", "clip", "name"}
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def spec_errors(spec) -> list[str]:
@@ -176,6 +217,9 @@ def spec_errors(spec) -> list[str]:
         for key in ("query_baseline", "normalize"):
             if not isinstance(comp.get(key, False), bool):
                 problems.append(f"{where}: {key}={comp[key]!r} must be true or false")
+        name = comp.get("name")
+        if name is not None and not (isinstance(name, str) and _NAME.match(name)):
+            problems.append(f"{where}: name={name!r} must be letters, digits, _ . or - (it is a metric name)")
         clip = comp.get("clip")
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
             problems.append(f"{where}: clip={clip!r} must be a number > 0 (or left out)")
@@ -196,7 +240,7 @@ def load_reward_spec(path: str | Path, resolve: Callable[[str], RewardFn]) -> We
     problems = spec_errors(spec)
     if problems:
         raise ValueError(f"invalid reward spec {str(path)!r}:\n  - " + "\n  - ".join(problems))
-    components = []
+    components, names = [], []
     for i, comp in enumerate(spec["components"]):
         try:
             reward = resolve(comp["reward"])
@@ -204,4 +248,9 @@ def load_reward_spec(path: str | Path, resolve: Callable[[str], RewardFn]) -> We
             raise type(err)(f"reward spec {str(path)!r}, components[{i}]: {err}") from err
         reward = compose(reward, comp.get("query_baseline", False), comp.get("normalize", False), comp.get("clip"))
         components.append((reward, float(comp.get("weight", 1.0))))
-    return WeightedSum(components)
+        source = comp["reward"]
+        names.append(comp.get("name") or (source.rpartition(":")[2] if ":" in source else Path(source).stem))
+    given = [c["name"] for c in spec["components"] if c.get("name")]
+    if len(set(given)) != len(given):
+        raise ValueError(f"invalid reward spec {str(path)!r}: component names {given} repeat")
+    return WeightedSum(components, unique_names(names))

@@ -19,6 +19,8 @@ from tether.models.policy import (
     linear_weights_in,
     load_causal_lm,
 )
+from tether.chat import reward_text
+from tether.data import PromptRows
 from tether.rewards import resolve_reward
 from tether.trainers.setup import add_lora
 
@@ -66,3 +68,16 @@ def build_models(c: PPOConfig, ranks: Ranks, device: torch.device, autocast_dtyp
         if critic is not None:
             enable_gradient_checkpointing(critic.body)
     return Models(policy, critic, ref, peft, resolved, vocab_size)
+
+
+def prompt_fields(rows: PromptRows | None, tokenizer) -> tuple[list | None, list[dict], list[str]]:
+    """The trainer's prompts (str or conversation), each row's other columns, and each prompt as the reward sees
+    it (a conversation rendered by its chat template, as text)."""
+    if rows is None:
+        return None, [], []
+    return rows.prompts, rows.columns, [reward_text(tokenizer, p) for p in rows.prompts]
+
+
+def column_names(*tables: PromptRows | None) -> list[str]:
+    """The prompt rows' other columns (training and held-out), each once: what a reward may ask for by name."""
+    return list(dict.fromkeys(k for t in tables if t is not None for k in t.column_names))

@@ -23,7 +23,6 @@ from transformers import get_scheduler
 
 from tether.algorithms import ALGORITHMS
 from tether.config import PPOConfig
-from tether.data import load_prompts
 from tether.distributed import Ranks
 from tether.extras import check_extras
 from tether.partition import check_sizes, rank_seed
@@ -32,10 +31,11 @@ from tether.ops import get_estimator, masked_whiten
 from tether.ops.kl_control import AdaptiveKLController, FixedKLController
 from tether.ops.rewards import RunningMoments, process_scores
 from tether.report import build_report
-from tether.rewards import accepted_keywords
+from tether.rewards import COMPLETION_INFO, accepted_keywords
 from tether.rollout import Sampler
 from tether.rollout.batch import Generation, Rollouts
-from tether.trainers.assemble import build_models
+from tether.chat import load_chat_prompts
+from tether.trainers.assemble import build_models, column_names, prompt_fields
 from tether.trainers.batching import left_pad
 from tether.trainers.checkpoint import hold_output_dir, maybe_resume, save_trained, write_checkpoint
 from tether.trainers.collect import collect, length_shaped, loss_rows
@@ -43,6 +43,7 @@ from tether.trainers.guards import FaultCounter, warn_if_negative_kl
 from tether.trainers.metrics import gather_per_sequence, kl_per_sequence, step_metrics
 from tether.trainers.optimise import Learner, optimise
 from tether.trainers.run import NoLog, RunLogger
+from tether.trainers.evaluate import maybe_evaluate
 from tether.trainers.scoring import reference_logits, score_rollouts
 from tether.trainers.setup import (autocast_dtype, check_compile, check_step_inputs, check_token_rows, encode_prompt,
                                    eos_ids, keep_freed_memory, load_tokenizer, make_adamw, seed_everything)
@@ -85,14 +86,16 @@ class RLTrainer:
         if c.keep_freed_memory and self.device.type == "cpu":
             keep_freed_memory()
         seed_everything(c.seed)
-        self.tokenizer = load_tokenizer(tokenizer, model if model is not None else c.model)
-        self.prompts = load_prompts(prompts if prompts is not None else c.prompts, c.prompt_column) \
-            if (prompts is not None or c.prompts) else None
+        self.tokenizer = load_tokenizer(tokenizer, model if model is not None else c.model, c.chat_template)
+        rows = load_chat_prompts(prompts if prompts is not None else c.prompts, c.prompt_column, self.tokenizer)
+        self.eval_rows = load_chat_prompts(c.eval_prompts, c.prompt_column, self.tokenizer, "eval_prompts")
         m = build_models(c, self.ranks, self.device, self.autocast_dtype, self.method.uses_critic, self.tokenizer,
                          model, ref_model, reward, self.local_batch)
         self.policy, self.critic, self.ref, self.peft, self.reward = m.policy, m.critic, m.ref, m.peft, m.reward
         self.vocab_size = m.vocab_size
-        self.reward_keywords = accepted_keywords(self.reward) if self.reward is not None else ()
+        self.prompts, self.prompt_columns, self.prompt_texts = prompt_fields(rows, self.tokenizer)  # (N,) each
+        self.reward_keywords = accepted_keywords(self.reward, (*COMPLETION_INFO, *column_names(rows, self.eval_rows))
+                                                 ) if self.reward is not None else ()
         self.trainable = Trained(self.policy, self.critic)  # everything trained, as one module: checkpoints hold this
         self.eos_token_ids = eos_ids(self.tokenizer, self.policy.model)
         self.sampler = Sampler(self.eos_token_ids, c.temperature, c.top_k, c.top_p, c.min_new_tokens,
@@ -153,7 +156,7 @@ class RLTrainer:
             rollout = self.trainable.rollout(self.sampler, ids.to(self.device), mask.to(self.device),
                              self.config.max_new_tokens, self.tokenizer.pad_token_id, self.sample_generator,
                              # sharded parameters: every process runs every decoding step until all are done
-                             all_done=partial(_all_done, self.comm) if self.ranks.sharded else None)
+                             all_done=(lambda ended: self.comm.all(bool(ended.all()))) if self.ranks.sharded else None)
         lengths = rollout.response_mask.sum(-1).long().tolist()
         responses = [rollout.response_ids[i, :n].cpu() for i, n in enumerate(lengths)]
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -242,13 +245,14 @@ class RLTrainer:
         history = []
         # several processes: each generates and scores its rows; the main process writes
         with RunLogger(c, total=c.steps, start=self.step_count) if comm.is_main else nullcontext(NoLog()) as run:
+            run.record(0, maybe_evaluate(self, fresh_start=True))  # held-out prompts, before any update
             while self.step_count < c.steps:
                 t0 = time.perf_counter()
                 got = collect(self)  # 1-2
                 gen, t_gen = got.generation, time.perf_counter() - t0
                 stats, kl_per_seq = self._step(gen.queries, gen.responses, got.scores, got.keep)  # 3-7
-                stats.update(got.stats)
-                rows = comm.gather_lists(list(zip(got.prompts, gen.texts, got.scores.tolist(), kl_per_seq.tolist(),
+                stats.update({**got.stats, **maybe_evaluate(self)})
+                rows = comm.gather_lists(list(zip(got.shown, gen.texts, got.scores.tolist(), kl_per_seq.tolist(),
                                                   map(len, gen.responses))))  # every process's rollouts, once
                 *logged, lengths = zip(*rows)
                 stats.update({"time/generate": t_gen, "time/step": time.perf_counter() - t0,
@@ -292,8 +296,3 @@ def _autocast(dtype: torch.dtype | None, forward, *args):
         return forward(*args)
     with torch.autocast(args[0].device.type, dtype=dtype):
         return forward(*args)
-
-
-def _all_done(comm, finished: Tensor) -> bool:
-    """Whether every process's rows have all ended."""
-    return comm.all(bool(finished.all()))

@@ -14,10 +14,12 @@ from tether.trainers.statefile import CheckpointError
 # Config keys that may change between a run and its resumption; any other change would make the resumed
 # run a different experiment than the one its metrics.jsonl describes. compile and keep_freed_memory change
 # speed and round-off only (a compiled run can go on where no C++ compiler is); output_dir changes when a run
-# folder is moved (to a disk with room, say) and resumed where it now is; the trackers only watch the run.
+# folder is moved (to a disk with room, say) and resumed where it now is; the trackers and the held-out evaluation
+# only watch the run (its training metrics are the same with or without them).
 RESUMABLE_CHANGES = {"steps", "resume", "checkpoint_every", "keep_checkpoints", "samples_every", "samples_per_step",
                      "max_faults_in_row", "device", "compile", "keep_freed_memory", "output_dir", "report_to",
-                     "tracker_project", "run_name", "tracker_tags", "mlflow_tracking_uri"}
+                     "tracker_project", "run_name", "tracker_tags", "mlflow_tracking_uri", "eval_prompts", "eval_every",
+                     "eval_sampling"}
 
 
 def check_weights(file: Path, module: torch.nn.Module) -> None:

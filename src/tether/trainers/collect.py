@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tether.chat import readable
 from tether.rewards import score_batch
 from tether.rollout.batch import Generation
 from tether.trainers.setup import ended
@@ -45,25 +46,30 @@ def zero_variance_groups(scores: Tensor, group_size: int) -> Tensor:
 
 @dataclass
 class Collected:
-    prompts: list  # each completion's prompt (as the reward sees it)
+    prompts: list  # each completion's prompt as the reward sees it (a conversation: its chat template's text)
     generation: Generation
     scores: Tensor  # (B,) the reward's, before the length rules
     keep: Tensor | None = None  # (B,) bool, dynamic sampling: False on rows filled in from dropped groups
     stats: dict = field(default_factory=dict)
+    shown: list = field(default_factory=list)  # each completion's prompt for people (conversations as lines)
+    columns: dict = field(default_factory=dict)  # name -> (B,) list: the keywords the reward got, per completion
+    parts: dict = field(default_factory=dict)  # name -> (B,) scores of each function of a weighted reward spec
 
 
 def collect(trainer) -> Collected:
     """This process's rows of the next batch: prompts in data order, one completion each (num_generations per
     prompt), scored. With dynamic_sampling, groups of equal scores (after the length rules) are set aside and the
     next prompts sampled, every process in step with the others, for at most dynamic_sampling_max_rounds extra
-    rounds; a batch still short then is filled with set-aside groups, which `keep` leaves out of the loss."""
+    rounds; a batch still short then is filled with set-aside groups, which `keep` leaves out of the loss. The
+    rows keep their prompt row's columns and their reward parts through the regrouping. stats: dynamic
+    sampling's counts and env/reward/<name>_mean of each reward function over every process's rows."""
     c, comm = trainer.config, trainer.comm
     G = c.num_generations
     kept, spare, dropped, rounds = [], [], 0, 0
     while True:
         got = _sample(trainer)
         if not c.dynamic_sampling:
-            return got
+            return _with_part_means(comm, trainer.device, got)
         shaped = length_shaped(c, got.scores.double(), got.generation.responses, trainer.eos_token_ids)
         for k, same in enumerate(zero_variance_groups(shaped, G).tolist()):
             (spare if same else kept).append(_rows(got, range(k * G, (k + 1) * G)))
@@ -75,28 +81,64 @@ def collect(trainer) -> Collected:
     groups = kept[:need] + spare[:need - len(kept[:need])]
     keep = torch.tensor([i < len(kept[:need]) for i in range(need) for _ in range(G)])
     counts = comm.all_reduce(torch.tensor([float(dropped), float((~keep).sum()) / G], device=trainer.device))
-    prompts, queries, responses, texts, scores = (sum((list(part[i]) for part in groups), []) for i in range(5))
-    return Collected(prompts, Generation(queries, responses, texts), torch.tensor(scores), keep,
-                     {"dynamic_sampling/dropped_groups": counts[0].item(), "dynamic_sampling/extra_rounds": float(rounds),
-                      "dynamic_sampling/filled_groups": counts[1].item()})
+    got = _concat(groups)
+    got.keep = keep
+    got.stats = {"dynamic_sampling/dropped_groups": counts[0].item(), "dynamic_sampling/extra_rounds": float(rounds),
+                 "dynamic_sampling/filled_groups": counts[1].item()}
+    return _with_part_means(comm, trainer.device, got)
 
 
 def _sample(trainer) -> Collected:
-    """1-2: the next batch_size / num_generations prompts (this process's share), generated and scored."""
+    """1-2: the next batch_size / num_generations prompts (this process's share), generated and scored, each
+    completion with its own prompt row's columns."""
     c, comm = trainer.config, trainer.comm
     G = c.num_generations
     indices = [i for i in trainer.progress.next_prompts(c.batch_size // G, len(trainer.prompts)) for _ in range(G)]
     indices = indices[comm.rank * trainer.local_batch:(comm.rank + 1) * trainer.local_batch]
-    prompts = [trainer.prompts[i] for i in indices]
+    # prompt_texts / prompt_columns: a trainer-like stub with plain string prompts may leave them out
+    texts, columns_of = getattr(trainer, "prompt_texts", trainer.prompts), getattr(trainer, "prompt_columns", None)
+    prompts = [texts[i] for i in indices]
     gen = trainer.generate([trainer.encoded_prompts[i] for i in indices])  # 1
-    info = {"ended": ended(gen.responses, trainer.eos_token_ids).tolist(),
-            "completion_tokens": [len(r) for r in gen.responses]}
-    scores = score_batch(trainer.reward, prompts, gen.texts, {k: info[k] for k in trainer.reward_keywords})  # 2
-    return Collected(prompts, gen, scores)
+    info = completion_info(gen.responses, trainer.eos_token_ids)
+    info.update({k: [columns_of[i].get(k) for i in indices] for k in trainer.reward_keywords if k not in info})
+    columns = {k: info[k] for k in trainer.reward_keywords}
+    scores = score_batch(trainer.reward, prompts, gen.texts, columns)  # 2
+    parts = {k: v.detach().float().cpu() for k, v in getattr(trainer.reward, "parts", {}).items()}
+    return Collected(prompts, gen, scores, shown=[readable(trainer.prompts[i]) for i in indices], columns=columns,
+                     parts=parts)
 
 
-def _rows(got: Collected, rows) -> tuple[list, ...]:
-    """(prompts, queries, responses, texts, scores) of `rows`."""
-    g = got.generation
-    return tuple([part[i] for i in rows] for part in (got.prompts, g.queries, g.responses, g.texts,
-                                                         got.scores.tolist()))
+def completion_info(responses: list[Tensor], eos_token_ids: list[int]) -> dict[str, list]:
+    """What tether knows about each completion (rewards.COMPLETION_INFO), one list entry per completion."""
+    return {"ended": ended(responses, eos_token_ids).tolist(), "completion_tokens": [len(r) for r in responses]}
+
+
+def _rows(got: Collected, rows) -> Collected:
+    """The rows `rows` of `got`, every per-row field with them."""
+    rows, g = list(rows), got.generation
+    pick = lambda part: [part[i] for i in rows]  # noqa: E731
+    return Collected(pick(got.prompts), Generation(pick(g.queries), pick(g.responses), pick(g.texts)),
+                     got.scores[rows], shown=pick(got.shown), columns={k: pick(v) for k, v in got.columns.items()},
+                     parts={k: v[rows] for k, v in got.parts.items()})
+
+
+def _concat(parts: list[Collected]) -> Collected:
+    """The rows of `parts` one after the other."""
+    cat = lambda get: sum((list(get(p)) for p in parts), [])  # noqa: E731
+    first = parts[0]
+    return Collected(cat(lambda p: p.prompts),
+                     Generation(cat(lambda p: p.generation.queries), cat(lambda p: p.generation.responses),
+                                cat(lambda p: p.generation.texts)),
+                     torch.cat([p.scores for p in parts]), shown=cat(lambda p: p.shown),
+                     columns={k: cat(lambda p: p.columns[k]) for k in first.columns},
+                     parts={k: torch.cat([p.parts[k] for p in parts]) for k in first.parts})
+
+
+def _with_part_means(comm, device, got: Collected) -> Collected:
+    """got, its stats with env/reward/<name>_mean per reward function: the mean over every process's rows."""
+    if got.parts:
+        names = list(got.parts)
+        sums = torch.stack([got.parts[k].double().sum() for k in names] + [torch.tensor(len(got.scores)).double()])
+        sums = comm.all_reduce(sums.to(device))
+        got.stats.update({f"env/reward/{k}_mean": (sums[j] / sums[-1]).item() for j, k in enumerate(names)})
+    return got

@@ -46,6 +46,11 @@ class RunLogger:
                              tok_s=f"{stats.get('throughput/tokens_per_s', math.nan):.0f}")
         self.bar.update(1)
 
+    def record(self, step: int, stats: dict) -> None:
+        """Metrics alone (the held-out evaluation before the first step); nothing when `stats` is empty."""
+        for sink in self.sinks if stats else ():
+            sink.log(stats, step)
+
     def __enter__(self) -> "RunLogger":
         return self
 
@@ -77,4 +82,7 @@ class NoLog:
     """The run logger of a process other than the main one."""
 
     def log(self, *args) -> None:
+        pass
+
+    def record(self, *args) -> None:
         pass

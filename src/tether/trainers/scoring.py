@@ -15,6 +15,7 @@ from tether.models.policy import response_forward
 from tether.ops import gather_logprobs
 from tether.ops.logprobs import TokenStats, entropy_from_logits, token_stats
 from tether.ops.masks import response_mask
+from tether.models.policy import response_forward
 from tether.rollout import Sampler
 from tether.rollout.batch import Rollouts
 from tether.trainers.batching import left_pad, right_pad

@@ -48,11 +48,19 @@ def check_step_inputs(queries: list[Tensor], responses: list[Tensor], scores, lo
     return raw_scores
 
 
-def encode_prompt(tokenizer, model, max_new_tokens: int, text: str, where: str) -> Tensor:
-    """A prompt's token ids, refused when empty or too long for the model's context with max_new_tokens."""
+def encode_prompt(tokenizer, model, max_new_tokens: int, text, where: str) -> Tensor:
+    """A prompt's token ids, refused when empty or too long for the model's context with max_new_tokens. text: a
+    string, or a conversation (chat messages), whose ids are the chat template's with the generation prompt."""
+    from tether.chat import chat_ids, is_conversation, readable
     from tether.models.policy import context_length
 
-    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    if is_conversation(text):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{where} is a conversation but the tokenizer has no chat template; set the config "
+                             f"key `chat_template` (a file, or chatml)")
+        ids, text = torch.tensor(chat_ids(tokenizer, text), dtype=torch.long), readable(text)
+    else:
+        ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     context = context_length(model.config)
     if len(ids) == 0:
         raise ValueError(f"{where} {text!r} tokenises to no tokens")
@@ -107,7 +115,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_tokenizer(tokenizer, model):
+def load_tokenizer(tokenizer, model, chat_template: str | None = None):
+    """The tokenizer given, else the model's; with the `chat_template` key's template when it is set."""
+    from tether.chat import set_chat_template
+
     if tokenizer is None:
         if not isinstance(model, str) or not model:
             raise ValueError("pass tokenizer=... when the policy is given as a module rather than a name or folder")
@@ -121,6 +132,7 @@ def load_tokenizer(tokenizer, model):
     if tokenizer.pad_token_id is None:
         log.info("tokenizer has no pad token; using EOS (%r) for padding", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
+    set_chat_template(tokenizer, chat_template)
     return tokenizer
 
 
