@@ -50,16 +50,17 @@ def _import_prompts(name: str):
                         f"prompts") from error
 
 
-def _read_json_rows(path: Path) -> list:
-    """The rows of a JSONL file (one JSON value a line) or of a JSON file holding a list."""
+def read_json_rows(path: Path, where: str) -> list:
+    """The rows of a JSONL file (one JSON value a line) or of a JSON file holding a list; errors begin with
+    `where` (e.g. "prompts file 'p.jsonl'") and name the line."""
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"prompts file {str(path)!r} is not valid JSON: {err}") from None
+            raise ValueError(f"{where} is not valid JSON: {err}") from None
         if not isinstance(rows, list):
-            raise ValueError(f"prompts file {str(path)!r}: expected a JSON list of rows, got {type(rows).__name__}")
+            raise ValueError(f"{where}: expected a JSON list of rows, got {type(rows).__name__}")
         return rows
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -67,7 +68,7 @@ def _read_json_rows(path: Path) -> list:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise ValueError(f"prompts file {str(path)!r}, line {n} is not valid JSON: {err}") from None
+                raise ValueError(f"{where}, line {n}: not valid JSON ({err.msg})") from None
     return rows
 
 
@@ -85,9 +86,9 @@ def load_prompt_rows(source, column: str = "prompt") -> PromptRows:
                              f"file with a {column!r} column){missing}")
         if not path.is_file():
             raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
-        source = (_read_json_rows(path) if path.suffix != ".csv"
-                  else load_dataset("csv", data_files=str(path), split="train"))
         where = f"prompts file {str(path)!r}"
+        source = (read_json_rows(path, where) if path.suffix != ".csv"
+                  else load_dataset("csv", data_files=str(path), split="train"))
     if isinstance(source, Dataset):
         source = source.to_list()
     if not isinstance(source, (list, tuple)):

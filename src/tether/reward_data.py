@@ -5,12 +5,13 @@ row check (and its error names the row) instead of failing inside an Arrow cast 
 """
 
 import csv
-import json
 import math
 import numbers
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from tether.data import read_json_rows
 
 _SUFFIXES = (".jsonl", ".json", ".csv")
 
@@ -51,19 +52,8 @@ def read_rows(source, what: str = "reward data") -> tuple[list[dict], str]:
             raise ValueError(f"{where}: expected one of {list(_SUFFIXES)}")
         if not path.is_file():
             raise FileNotFoundError(f"{where} does not exist")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".csv":
-            rows = list(csv.DictReader(text.splitlines()))
-        elif path.suffix == ".json":
-            rows = json.loads(text)
-        else:
-            rows = []
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{where}, line {n}: not valid JSON ({err.msg})") from None
+        rows = (list(csv.DictReader(path.read_text(encoding="utf-8").splitlines())) if path.suffix == ".csv"
+                else read_json_rows(path, where))
     else:
         where = what
         rows = source.to_list() if hasattr(source, "to_list") else source  # datasets.Dataset

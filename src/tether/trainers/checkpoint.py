@@ -87,10 +87,15 @@ def write_files(tmp: Path, policy: torch.nn.Module | None, state: dict) -> None:
     if policy is not None:
         save_model(policy, str(tmp / WEIGHTS))
     write_state(tmp, state)
-    for folder, dirs, files in os.walk(tmp, topdown=False):
+    fsync_tree(tmp)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Every file below `folder`, and every folder, flushed to the disk."""
+    for where, _, files in os.walk(folder, topdown=False):
         for name in files:
-            _fsync(Path(folder) / name)
-        _fsync(Path(folder))
+            _fsync(Path(where) / name)
+        _fsync(Path(where))
 
 
 def commit_checkpoint(root: Path, step: int, tmp: Path, policy: torch.nn.Module | None, state: dict,
@@ -103,6 +108,12 @@ def commit_checkpoint(root: Path, step: int, tmp: Path, policy: torch.nn.Module 
     except OSError as err:
         raise write_failed(root, step, tmp, err, _tensor_bytes(policy.state_dict() if policy is not None else {})
                            + _tensor_bytes(state)) from err
+    return publish_checkpoint(root, step, tmp, keep)
+
+
+def publish_checkpoint(root: Path, step: int, tmp: Path, keep: int) -> Path:
+    """Rename the complete, durable folder `tmp` to `step-N` (the one name a resume trusts), make the rename
+    durable, and only then remove all but the newest `keep` checkpoints."""
     final = root / f"step-{step:08d}"
     if final.exists():  # the same step written again (e.g. end of a run that just checkpointed)
         _remove(final)

@@ -9,14 +9,13 @@ renamed into place in one step, older checkpoints removed only after that.
 """
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from tether.trainers.checkpoint import begin_checkpoint, checkpoint_step, list_checkpoints
+from tether.trainers.checkpoint import (begin_checkpoint, checkpoint_step, fsync_tree, list_checkpoints,
+                                        publish_checkpoint)
 
 FORMAT = 1
 MODEL, OPTIMIZER, RNG, STATE = "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"
@@ -80,36 +79,10 @@ def write(root: Path, step: int, model, optimizer, scheduler, order_generator, o
     return _commit(root, step, tmp, keep)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _commit(root: Path, step: int, tmp: Path, keep: int) -> Path:
-    """The same steps as trainers/checkpoint.py's commit, for a folder whose files are all written already."""
-    for folder, _, files in os.walk(tmp, topdown=False):
-        for name in files:
-            _fsync(Path(folder) / name)
-        _fsync(Path(folder))
-    final = root / f"step-{step:08d}"
-    if final.exists():  # the same step written again
-        _remove(final)
-    os.rename(tmp, final)
-    _fsync(root)
-    for old in list_checkpoints(root)[:-keep]:
-        _remove(old)
-    return final
-
-
-def _remove(checkpoint: Path) -> None:
-    """Out of the listed names in one rename first, so a kill never leaves a half-deleted step-N."""
-    trash = checkpoint.with_name(f".trash-{checkpoint.name}")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.rename(checkpoint, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    """tether ppo's last steps, for a folder whose files are all written already."""
+    fsync_tree(tmp)
+    return publish_checkpoint(root, step, tmp, keep)
 
 
 # Keys that may change when a reward run is resumed: where it runs, how it logs and checkpoints, how big the
