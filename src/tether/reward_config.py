@@ -9,7 +9,7 @@ from typing import Literal
 
 import torch
 
-from tether.config import scheduler_and_device_errors, tracker_key_errors
+from tether.config_checks import scheduler_and_device_errors, tracker_key_errors
 
 
 @dataclass(frozen=True)
