@@ -95,8 +95,8 @@ def test_sigkill_at_named_points_then_resume_matches_uninterrupted(setup, tmp_pa
                     load_file(run / "checkpoints" / final / ckpt.WEIGHTS).values()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
     for name in ("kl_ctl", "score_moments"):
-        want = torch.load(straight / "checkpoints" / final / ckpt.STATE, weights_only=False)[name]
-        assert torch.load(run / "checkpoints" / final / ckpt.STATE, weights_only=False)[name] == pytest.approx(want)
+        want = ckpt.read_state(straight / "checkpoints" / final)[name]
+        assert ckpt.read_state(run / "checkpoints" / final)[name] == pytest.approx(want)
 
 
 def test_resuming_with_another_process_count_is_refused_before_any_weight_is_loaded(setup, tmp_path):
