@@ -16,7 +16,7 @@ from tether.losses.ppo import OBJECTIVES, RATIOS, entropy_bonus, kl_penalty, pol
 from tether.partition import rank_minibatches
 from tether.rollout import Sampler
 from tether.rollout.batch import Rollouts
-from tether.trainers.scoring import Forward, kl_logprobs, policy_logprobs
+from tether.trainers.scoring import Forward, TokenReplay
 
 
 @dataclass
@@ -130,12 +130,12 @@ def micro_loss(learner: Learner, mb: Rollouts, beta: float, weights: Tensor, sta
     a share of the minibatch's value: they add up over micro-batches and processes): the policy loss as
     configured (clipped surrogate or CISPO, token or sequence ratio), the clipped value loss with a critic, the KL
     term with kl_in_loss, and the entropy bonus with entropy_coef."""
-    c, sampler = learner.config, learner.sampler
-    logits, vpred = learner.forward(mb.query_ids, mb.query_mask, mb.response_ids)
-    new_logprobs, _, _, entropy = policy_logprobs(sampler, logits, mb.query_ids, mb.query_mask, mb.response_ids,
-                                                  mb.flipped, entropy=c.entropy_coef > 0)
+    c = learner.config
+    replay = TokenReplay(learner.sampler, mb.query_ids, mb.query_mask, mb.response_ids, mb.flipped, kl=c.kl_in_loss,
+                         entropy=c.entropy_coef > 0)
+    out, vpred = learner.forward(mb.query_ids, mb.query_mask, mb.response_ids, replay)
     # Nothing below sees padding: after EOS it may replay to -inf (top-k), and exp(inf) * 0 is nan.
-    new_logprobs = torch.where(mb.mask.bool(), new_logprobs, mb.logprobs)
+    new_logprobs = torch.where(mb.mask.bool(), out["logprobs"], mb.logprobs)
     mask = mb.train_mask
     loss, parts = learner.policy_loss(new_logprobs, mb.logprobs, mb.advantages, mask, weights=weights,
                                       stat_weights=stat_weights)
@@ -145,10 +145,11 @@ def micro_loss(learner: Learner, mb: Rollouts, beta: float, weights: Tensor, sta
                                            stat_weights=stat_weights)
         loss = loss + c.vf_coef * vf
     if c.kl_in_loss:
-        kl, parts["ppo/kl_loss/"] = kl_penalty(kl_logprobs(sampler, logits, new_logprobs, mb.response_ids),
-                                               mb.ref_logprobs, mask, learner.estimator.fn, weights=weights)
+        kl_logprobs = torch.where(mb.mask.bool(), out["kl_logprobs"], mb.logprobs)
+        kl, parts["ppo/kl_loss/"] = kl_penalty(kl_logprobs, mb.ref_logprobs, mask, learner.estimator.fn,
+                                               weights=weights)
         loss = loss + beta * kl
-    if entropy is not None:
-        bonus, parts["ppo/entropy_loss/"] = entropy_bonus(entropy, mask, weights=weights)
+    if "entropy" in out:
+        bonus, parts["ppo/entropy_loss/"] = entropy_bonus(out["entropy"], mask, weights=weights)
         loss = loss + c.entropy_coef * bonus
     return loss, parts
