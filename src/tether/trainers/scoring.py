@@ -17,10 +17,10 @@ from torch import Tensor, nn
 from tether.models.policy import response_states
 from tether.ops import gather_logprobs
 from tether.ops.logprobs import entropy_from_logits, token_stats
-from tether.ops.masks import response_mask
+from tether.ops.masks import padding_bounds, response_mask
 from tether.rollout import Sampler
 from tether.rollout.batch import Rollouts
-from tether.trainers.batching import left_pad, right_pad
+from tether.trainers.batching import left_pad, length_order, right_pad
 
 # (q_ids, q_mask, r_ids, per_token) -> per_token's results (B, T) by name, values (B, T) or None
 Forward = Callable[..., tuple[dict[str, Tensor], Tensor | None]]
@@ -119,10 +119,12 @@ def score_rollouts(forward: Forward, ref_forward: RefForward, sampler: Sampler, 
     q_ids, q_mask = (t.to(device) for t in left_pad(queries, pad_token_id))
     r_ids, r_len_mask = (t.to(device) for t in right_pad(responses, pad_token_id))
     mask = response_mask(r_ids, eos_token_ids) * r_len_mask
-    parts = []
-    for idx in torch.arange(len(queries), device=device).split(micro):
-        q, m, r = q_ids[idx], q_mask[idx], r_ids[idx]
-        replay = TokenReplay(sampler, q, m, r, kl=kl_in_loss, ref=ref_forward(q, m, r), mask=mask[idx])
+    found: dict[str, Tensor] = {}  # (B, T) each, filled a micro-batch at a time; 0 on padding
+    # micro-batches of rows of like length, each cut to its own longest prompt and response
+    for idx in length_order(q_mask, mask).split(micro):
+        p0, t1 = padding_bounds(q_mask[idx], mask[idx])
+        q, m, r = q_ids[idx, p0:], q_mask[idx, p0:], r_ids[idx, :t1]
+        replay = TokenReplay(sampler, q, m, r, kl=kl_in_loss, ref=ref_forward(q, m, r), mask=mask[idx, :t1])
         out, values = forward(q, m, r, replay)
         if out["outside"].any():  # refused, not relabelled: its ratio and KL would be those of another distribution
             i, t = out["outside"].nonzero()[0].tolist()
@@ -130,14 +132,20 @@ def score_rollouts(forward: Forward, ref_forward: RefForward, sampler: Sampler, 
                              f"under the sampler (top_k / top_p / min_new_tokens / n-gram blocking / a logits "
                              f"processor), beyond float round-off: it was not sampled with these settings. step() "
                              f"needs responses sampled by generate(), or under the same settings")
-        kl = estimator.fn(out["kl_logprobs"] if kl_in_loss else out["logprobs"], out["ref_logprobs"])
-        parts.append((out["logprobs"], out["ref_logprobs"], values, kl, out["kl_exact"], out["entropy"],
-                      out["flipped"]))
+        out["kl"] = estimator.fn(out["kl_logprobs"] if kl_in_loss else out["logprobs"], out["ref_logprobs"])
+        if values is not None:
+            out["values"] = values
+        for name in ("logprobs", "ref_logprobs", "values", "kl", "kl_exact", "entropy", "flipped"):
+            if name in out:
+                if name not in found:
+                    found[name] = torch.zeros(mask.shape, dtype=out[name].dtype, device=device)
+                found[name][idx, :t1] = out[name]
     # where, not multiply: after-EOS padding can score -inf under top-k replay, and -inf * 0 is nan
-    *tensors, flipped = (torch.cat(p) if p[0] is not None else None for p in zip(*parts))
     logprobs, ref_logprobs, values, kl, kl_exact, entropy = (
-        None if t is None else torch.where(mask.bool(), t, 0.0) for t in tensors)
-    return Rollouts(q_ids, q_mask, r_ids, mask, logprobs, ref_logprobs, flipped, values, kl, kl_exact, entropy)
+        torch.where(mask.bool(), found[k], 0.0) if k in found else None
+        for k in ("logprobs", "ref_logprobs", "values", "kl", "kl_exact", "entropy"))
+    return Rollouts(q_ids, q_mask, r_ids, mask, logprobs, ref_logprobs, found["flipped"], values, kl, kl_exact,
+                    entropy)
 
 
 def reference_states(model, head: nn.Module | None, peft, q_ids: Tensor, q_mask: Tensor, r_ids: Tensor
