@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from tether.rollout.generate import forward_params
 
 # Positions x vocabulary elements per block when `logits_chunk_rows` is 0 (automatic): 2**23 float32 logits
 # are 32 MB, and the per-token functions keep about four such buffers at once.
@@ -56,10 +55,7 @@ def over_positions(per_token: PerToken, states: Tensor, project: Callable[[Tenso
     blocks = position_blocks(B, T, rows)
 
     def run(part: Tensor, b: slice, t: slice) -> dict[str, Tensor]:
-        # the block made one (rows, H) matrix first: the head on a strided (b, t, H) slice runs as a batched matmul
-        # against its weight expanded b times, whose backward then holds b copies of the (V, H) weight gradient
-        rows_, cols = part.shape[:2]
-        return per_token(project(part.reshape(rows_ * cols, -1)).float().view(rows_, cols, -1), b, t)
+        return per_token(project_block(project, part), b, t)
 
     if not (torch.is_grad_enabled() and states.requires_grad):
         # Without gradients each block's results go straight into (B, T) buffers and are dropped: small tensors
@@ -90,18 +86,29 @@ def over_positions(per_token: PerToken, states: Tensor, project: Callable[[Tenso
 _AFTER_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+def project_block(project: Callable[[Tensor], Tensor], part: Tensor) -> Tensor:
+    """project(part) for a (b, t, H) block of states -> (b, t, V) fp32 logits. The block is made one (b * t, H)
+    matrix first: the head on a strided (b, t, H) slice runs as a batched matmul against its weight expanded b
+    times (several times slower on a CPU), whose backward then holds b copies of the (V, H) weight gradient."""
+    rows, cols = part.shape[:2]
+    return project(part.reshape(rows * cols, -1)).float().view(rows, cols, -1)
+
+
 @torch.no_grad()
 def separable_head(model: nn.Module) -> nn.Module | None:
-    """The model's output embedding when its logits are exactly that module applied to the final hidden state
-    (checked on a short probe), else None: a model that scales or soft-caps its logits after the head (Gemma 2's
+    """The model's output embedding when its logits are exactly that module applied to the last hidden state of
+    its body (`base_model`, checked on a short probe), else None: a model that scales or soft-caps its logits after the head (Gemma 2's
     final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling) is then scored from its own logits."""
     head = model.get_output_embeddings()
     config = getattr(model, "config", None)
-    if (head is None or "logits_to_keep" not in forward_params(model)  # without it every position is projected
-            or any(getattr(config, key, None) not in (None, 1, 1.0) for key in _AFTER_HEAD)):
+    body = getattr(model, "base_model", model)
+    if (head is None or body is model or any(getattr(config, key, None) not in (None, 1, 1.0) for key in _AFTER_HEAD)):
         return None
     device = next(model.parameters()).device
     ids = torch.tensor([[1, 2, 3, 4]], device=device) % model.get_input_embeddings().num_embeddings
-    out = model(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=0)
-    projected = head(out.hidden_states[-1])
-    return head if torch.allclose(projected.float(), out.logits.float(), rtol=1e-5, atol=1e-5) else None
+    try:
+        hidden = body(input_ids=ids, use_cache=False).last_hidden_state
+    except (TypeError, AttributeError):  # a body that is not a plain transformer stack
+        return None
+    logits = model(input_ids=ids, use_cache=False).logits
+    return head if torch.allclose(head(hidden).float(), logits.float(), rtol=1e-5, atol=1e-5) else None

@@ -74,15 +74,13 @@ def response_states(model: PreTrainedModel, head: nn.Module | None, query_ids: T
                     response_ids: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
     """The teacher-forced forward without the (B, T, V) logits: -> (states, last hidden state (B, T, H),
     project), where project(states[block]) are that block's logits. With a separable LM head (`separable_head`)
-    the states are the final hidden states and project is the head; without one, the model's own logits
+    the states are the body's final hidden states (the LM head never runs) and project is the head; without one, the model's own logits
     (B, T, V) and the identity."""
     if head is None:
         logits, hidden = response_forward(model, query_ids, query_mask, response_ids, hidden=True)
         return logits, hidden, _identity
-    # one position's logits, not the whole sequence's (a model without logits_to_keep has no head to separate)
-    out = model(**_teacher_forced(query_ids, query_mask, response_ids), use_cache=False, output_hidden_states=True,
-                logits_to_keep=1)
-    hidden = out.hidden_states[-1][:, query_ids.shape[1] - 1:-1]
+    out = model.base_model(**_teacher_forced(query_ids, query_mask, response_ids), use_cache=False)  # no LM head
+    hidden = out.last_hidden_state[:, query_ids.shape[1] - 1:-1]
     return hidden, hidden, head
 
 

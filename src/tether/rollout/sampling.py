@@ -125,9 +125,18 @@ class Sampler:
         B, T, V = logits.shape
         P = ids.shape[1] - T  # the prefix before the first of these positions
         x = logits.float()
-        if self.needs_context:
-            x = torch.stack([self._contextual(x[:, i], ids[:, : P + i], mask[:, : P + i], start + i)
-                             for i in range(T)], 1)
+        # The EOS ban and the repetition penalty for all positions at once, each position as step_scores does it
+        # (the same elementwise operations, so the same bits); only other contextual processors go position by
+        # position. A loop of x[:, i] selections would cost its backward T gradients of x's whole size.
+        if start < self.min_new_tokens:
+            banned = torch.zeros(T, V, dtype=torch.bool, device=x.device)
+            banned[: self.min_new_tokens - start, self.eos_token_ids.to(x.device)] = True
+            x = x.masked_fill(banned, float("-inf"))
+        if self.repetition_penalty != 1.0:
+            x = torch.where(_seen(ids, mask, T, V), torch.where(x < 0, x * self.repetition_penalty,
+                                                                x / self.repetition_penalty), x)
+        if self.contextual:
+            x = torch.stack([self._apply_processors(x[:, i], ids[:, : P + i]) for i in range(T)], 1)
         if self._temperature_only:
             # No reshape: logits arrive as a strided slice, and reshape(B * T, V) would copy all of them (and
             # copy the gradient back) only to divide, or to do nothing at temperature 1.
@@ -146,6 +155,9 @@ class Sampler:
             x = x.index_fill(-1, eos, float("-inf"))
         if self.repetition_penalty != 1.0:
             x = _repetition_penalty(x, ids, mask, self.repetition_penalty)
+        return self._apply_processors(x, ids)
+
+    def _apply_processors(self, x: Tensor, ids: Tensor) -> Tensor:
         for processor in self.contextual:
             x = processor(ids, x)
         return x
@@ -155,6 +167,17 @@ class Sampler:
         for processor in self.rowwise:
             x = processor(dummy_ids, x)
         return x
+
+
+def _seen(ids: Tensor, mask: Tensor, T: int, V: int) -> Tensor:
+    """(B, T, V) bool: for each of the last T positions of ids (B, P + T), the tokens of its prefix that are not
+    padding, as _repetition_penalty counts them for one position."""
+    P = ids.shape[1] - T
+    counts = torch.zeros(ids.shape[0], T, V, device=ids.device)
+    counts[:, 0].scatter_add_(1, ids[:, :P], mask[:, :P].float())  # the prefix before the first position
+    if T > 1:  # each later position also sees the tokens between the first and itself
+        counts[:, 1:].scatter_add_(2, ids[:, P:P + T - 1, None], mask[:, P:P + T - 1, None].float())
+    return counts.cumsum_(1) > 0
 
 
 def _repetition_penalty(x: Tensor, ids: Tensor, mask: Tensor, penalty: float) -> Tensor:

@@ -46,7 +46,8 @@ from tether.trainers.run import NoLog, RunLogger
 from tether.trainers.evaluate import maybe_evaluate
 from tether.trainers.scoring import reference_states, score_rollouts
 from tether.trainers.setup import (autocast_dtype, check_compile, check_step_inputs, check_token_rows, encode_prompt,
-                                   eos_ids, keep_freed_memory, load_tokenizer, make_adamw, seed_everything)
+                                   eos_ids, keep_freed_memory, load_tokenizer, make_adamw, return_large_buffers,
+                                   seed_everything)
 from tether.trainers.state import Progress, RandomState
 
 log = logging.getLogger("tether")
@@ -83,8 +84,8 @@ class RLTrainer:
         self.autocast_dtype = autocast_dtype(c.precision, self.device)
         if c.compile:
             check_compile(self.device, self.ranks.sharding if self.ranks.sharded else "")
-        if c.keep_freed_memory and self.device.type == "cpu":
-            keep_freed_memory()
+        if self.device.type == "cpu":
+            (keep_freed_memory if c.keep_freed_memory else return_large_buffers)()
         seed_everything(c.seed)
         self.tokenizer = load_tokenizer(tokenizer, model if model is not None else c.model, c.chat_template)
         rows = load_chat_prompts(prompts if prompts is not None else c.prompts, c.prompt_column, self.tokenizer)

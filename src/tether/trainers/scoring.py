@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from tether.models.head import project_block
 from tether.models.policy import response_states
 from tether.ops import gather_logprobs
 from tether.ops.logprobs import entropy_from_logits, token_stats
@@ -67,7 +68,8 @@ class TokenReplay:
         else:
             assert self.mask is not None, "scoring (ref given) needs the response mask"
             states, project = self.ref
-            stats = token_stats(scores, s.reference_scores(project(states[b, t])), tokens)  # one log-softmax a side
+            # one log-softmax a side
+            stats = token_stats(scores, s.reference_scores(project_block(project, states[b, t])), tokens)
             logprobs = stats.logprobs
             flipped = ~torch.isfinite(logprobs) & self.mask[b, t].bool()
             out = {"ref_logprobs": stats.ref_logprobs, "kl_exact": stats.kl, "entropy": stats.entropy,

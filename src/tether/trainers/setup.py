@@ -90,6 +90,23 @@ def keep_freed_memory() -> bool:
     return libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
 
 
+def return_large_buffers() -> bool:
+    """Process-wide, glibc only: every block above 4 MiB mapped fresh from the system and unmapped when freed (a
+    fixed threshold, where glibc's own rises to 32 MiB after the first such free). The vocabulary blocks of
+    `models/head.py` (up to 32 MB each, dozens per forward pass) are then given back as they are freed; served
+    from the heap instead, each block's freed logits get split by the small tensors that outlive it and the next
+    block needs fresh memory, so the process's peak grows with the number of blocks (measured: 2.1-2.3 GB instead
+    of 0.9 GB at 240 response tokens of a 151,936-token vocabulary). Returns whether it was applied."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_mmap_threshold, m_mmap_max = -3, -4  # <malloc.h>
+    return libc.mallopt(m_mmap_max, 65536) == 1 and libc.mallopt(m_mmap_threshold, 4 << 20) == 1
+
+
 def check_compile(device: torch.device, sharded_by: str = "") -> None:
     """What compile=true needs, checked before any model is loaded: whole parameters on every process (one
     process, DDP or DeepSpeed ZeRO-2; `sharded_by` names the sharding otherwise), and on the CPU a C++ compiler
