@@ -16,7 +16,7 @@ echo "torch==2.13.0" > "$constraints"
 echo "[setup_trl116] torch 2.13.0 first"
 "$pip" install -q "torch==2.13.0"
 echo "[setup_trl116] trl 1.16.0 on transformers 5.24.0, and their dependencies"
-"$pip" install -q -c "$constraints" "trl==1.16.0" "transformers==5.24.0" "datasets" "accelerate" "numpy<2.3" "psutil"
+"$pip" install -q -c "$constraints" "trl==1.16.0" "transformers==5.24.0" "datasets" "accelerate" "vaderSentiment==3.3.2" "numpy<2.3" "psutil"
 "$venv/bin/python" - <<'PY'
 import torch, transformers, trl
 from trl import GRPOConfig, GRPOTrainer  # noqa: F401
