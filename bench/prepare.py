@@ -5,7 +5,7 @@
 (b) SmolLM2-135M-Instruct from tether's cache, and the first 16 movie-review openings tokenised by it.
 (v) for the response-length curves (vocab_memory.py): a random GPT-2 body of 2 layers, width 64, with Qwen's
     151,936-token vocabulary (tied embeddings, 512 positions), the same WordLevel tokenizer scheme as (a), and
-    8 prompts of exactly 16 ids.
+    8 prompts of exactly 16 ids; and a copy whose EOS is an id outside the vocabulary (the "-eosout" workloads).
     TRL's side gets a copy of the folder readable by transformers 4.46: the weights are linked, the
     config gains `rope_theta` (5.x moved it into `rope_parameters`, which 4.46 ignores, silently falling
     back to 10000), and the tokenizer config names PreTrainedTokenizerFast instead of 5.x's backend class.
@@ -15,6 +15,7 @@ The logits checksum of the first prompt is stored; each side recomputes it and c
 import json
 import os
 import shutil
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -55,8 +56,29 @@ def tiny_gpt2() -> dict:
 
 
 def vocab152k() -> dict:
-    return random_gpt2(folder("v") / "gpt2-2x64-vocab151936", vocab_size=151936, n_positions=512, width=64,
+    meta = random_gpt2(folder("v") / "gpt2-2x64-vocab151936", vocab_size=151936, n_positions=512, width=64,
                        layers=2, prompts=8)
+    meta["model"]["eos_outside"] = str(eos_outside_vocab(Path(meta["model"]["tether"]), 151936))
+    return meta
+
+
+def eos_outside_vocab(src: Path, vocab_size: int) -> Path:
+    """The same weights (linked) with EOS = a token id the model has no logit for (`vocab_size`): nothing can sample
+    it, so every completion runs to max_new_tokens with no sampling rule involved (no min_new_tokens to replay)."""
+    out = src.parent / (src.name + "-eos-outside")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    os.symlink(src / "model.safetensors", out / "model.safetensors")
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((src / name).read_text())
+        config["eos_token_id"] = vocab_size
+        (out / name).write_text(json.dumps(config, indent=2))
+    tok = json.loads((src / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["<|eos-outside|>"] = vocab_size
+    (out / "tokenizer.json").write_text(json.dumps(tok))
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(
+        {"eos_token": "<|eos-outside|>", "pad_token": EOS, "bos_token": EOS, "unk_token": EOS})))
+    return out
 
 
 def smollm2() -> dict:

@@ -10,6 +10,8 @@ bench/.venv-trl116 alike. The inputs (model folders, prompt ids and texts) are t
     v-ppo-L   the curve workload (prepared folder v: 2 layers, width 64, vocabulary 151,936): PPO, 8 prompts x 1,
               one epoch, minibatch 8, exactly L response tokens (EOS suppressed: min_new_tokens = L); tether only
     v-grpo-L  the same model, GRPO: 2 prompts x 4 = 8 rollouts of exactly L tokens, KL term in the loss
+    v-...-L-eosout  the same, with EOS an id outside the vocabulary (prepared copy of folder v) instead of
+              min_new_tokens = L: no sampling rule at all, so tether's sampler has nothing to replay
 
 Every workload does one update per generation (one minibatch = the whole batch, one epoch, no gradient
 accumulation), learning rate 1e-5, KL coefficient beta = 0.05 (fixed), temperature 1, no top-k / top-p, gradient
@@ -40,6 +42,7 @@ class RLWorkload:
     max_new_tokens: int
     reward: str  # token_share or vader
     force_length: bool = False  # EOS suppressed until max_new_tokens: every completion is exactly max_new_tokens long
+    eos_outside: bool = False  # ... by an EOS id outside the vocabulary instead of min_new_tokens = max_new_tokens
     learning_rate: float = 1e-5
     beta: float = 0.05  # KL coefficient: TRL's beta, tether's init_kl_coef (fixed)
     seed: int = 0
@@ -56,17 +59,18 @@ FIXED = {
 
 
 def workload(name: str) -> RLWorkload:
-    """c-tiny, c-smol, or v-ppo-<length> / v-grpo-<length> (any length from 1 to 496)."""
+    """c-tiny, c-smol, or v-ppo-<length> / v-grpo-<length> (any length from 1 to 496), with -eosout: the length
+    forced by an EOS id outside the vocabulary rather than min_new_tokens."""
     if name in FIXED:
         return FIXED[name]
-    m = re.fullmatch(r"v-(ppo|grpo)-(\d+)", name)
+    m = re.fullmatch(r"v-(ppo|grpo)-(\d+)(-eosout)?", name)
     if not m or not 1 <= int(m[2]) <= 496:
-        raise argparse.ArgumentTypeError(f"unknown workload {name!r}: c-tiny, c-smol, v-ppo-<L> or v-grpo-<L> "
-                                         f"(L = 1..496 response tokens)")
+        raise argparse.ArgumentTypeError(f"unknown workload {name!r}: c-tiny, c-smol, v-ppo-<L>[-eosout] or "
+                                         f"v-grpo-<L>[-eosout] (L = 1..496 response tokens)")
     algorithm, length = m[1], int(m[2])
     return RLWorkload(name, "v", algorithm, prompts=8 if algorithm == "ppo" else 2,
                       num_generations=1 if algorithm == "ppo" else 4, max_new_tokens=length, reward="token_share",
-                      force_length=True)
+                      force_length=not m[3], eos_outside=bool(m[3]))
 
 
 def runner_args() -> argparse.Namespace:
@@ -81,6 +85,13 @@ def runner_args() -> argparse.Namespace:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     return args
+
+
+def model_folder(w: RLWorkload, meta: dict, default):
+    """The prepared model folder of the workload: `default`, or the EOS-outside-the-vocabulary copy."""
+    from pathlib import Path
+
+    return Path(meta["model"]["eos_outside"]) if w.eos_outside else default
 
 
 def prompt_rows(w: RLWorkload, meta: dict) -> tuple[list[list[int]], list[str]]:
@@ -123,5 +134,5 @@ def summarise(w: RLWorkload, side: str, timings: list[dict], tokens: list[int], 
             "torch_threads": torch.get_num_threads(), "loadavg_end": os.getloadavg()}
 
 
-__all__ = ["CURVE_LENGTHS", "RLWorkload", "StepClock", "peak_rss_mb", "profile_summary", "prompt_rows",
+__all__ = ["CURVE_LENGTHS", "RLWorkload", "StepClock", "model_folder", "peak_rss_mb", "profile_summary", "prompt_rows",
            "runner_args", "summarise", "workload"]

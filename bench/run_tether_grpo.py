@@ -17,7 +17,7 @@ no-grad scoring passes of the policy and the reference) and time/optimise (the u
 import time
 
 import torch
-from rl_workloads import StepClock, peak_rss_mb, profile_summary, prompt_rows, runner_args, summarise
+from rl_workloads import StepClock, model_folder, peak_rss_mb, profile_summary, prompt_rows, runner_args, summarise
 from workloads import emit, load_inputs, logits_checksum, progress, token_share
 
 
@@ -26,8 +26,9 @@ def build(w, steps: int):
     from tether.trainers import trainer_class
 
     path, _, meta = load_inputs(w.inputs, "tether")
+    path = model_folder(w, meta, path)
     config = PPOConfig(
-        algorithm=w.algorithm, model=str(path), output_dir=str(path.parent / f"tether-{w.algorithm}-run"),
+        algorithm=w.algorithm, model=str(path), output_dir=str(path.parent / f"tether-{w.name}-run"),
         seed=w.seed, steps=steps, batch_size=w.batch_size, num_generations=w.num_generations,
         minibatch_size=w.batch_size, ppo_epochs=1, gradient_accumulation_steps=1, learning_rate=w.learning_rate,
         init_kl_coef=w.beta, adaptive_kl=False, max_new_tokens=w.max_new_tokens,

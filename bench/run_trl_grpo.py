@@ -27,7 +27,7 @@ import time
 import warnings
 
 import torch
-from rl_workloads import StepClock, peak_rss_mb, profile_summary, prompt_rows, runner_args, summarise
+from rl_workloads import StepClock, model_folder, peak_rss_mb, profile_summary, prompt_rows, runner_args, summarise
 from workloads import emit, load_inputs, logits_checksum, progress, token_share, vader
 
 
@@ -41,6 +41,7 @@ def main() -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     path, _, meta = load_inputs(w.inputs, "tether")  # transformers 5.24 on both sides: tether's own folder
+    path = model_folder(w, meta, path)
     ids, texts = prompt_rows(w, meta)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenized = [tokenizer(t)["input_ids"] for t in texts]  # what TRL's _tokenize_prompts will feed the model

@@ -4,6 +4,8 @@
     python bench/vocab_memory.py --lengths 32 240 --series tether-ppo --steps 2
     python bench/vocab_memory.py --profile            # also: one profiled PPO step at the longest length
     python bench/vocab_memory.py --render             # only redraw docs/vocab_memory.png from the saved JSON
+    python bench/vocab_memory.py --lengths 240 --series tether-ppo-eosout tether-grpo-eosout trl-grpo-eosout \
+        --out bench/results/vocab_memory_eosout.json --plot /tmp/eosout.png     # EOS outside the vocabulary
 
 The model (prepare.py folder v): a random GPT-2 body of 2 layers, width 64, with Qwen's 151,936-token vocabulary
 (tied embeddings); 16-token prompts; EOS suppressed (min_new_tokens = max_new_tokens on both sides), so every
@@ -35,14 +37,22 @@ from compare_grpo import HERE, RESULTS, TRL_PYTHON, loadavg, run_child
 
 DOCS = HERE.parent / "docs"
 BASELINES = HERE / "baselines"
-SERIES = {  # name -> (python, runner, workload prefix)
-    "tether-ppo": (sys.executable, "run_tether_grpo.py", "v-ppo"),
-    "tether-grpo": (sys.executable, "run_tether_grpo.py", "v-grpo"),
-    "trl-grpo": (TRL_PYTHON, "run_trl_grpo.py", "v-grpo"),
+SERIES = {  # name -> (python, runner, workload prefix, workload suffix)
+    "tether-ppo": (sys.executable, "run_tether_grpo.py", "v-ppo", ""),
+    "tether-grpo": (sys.executable, "run_tether_grpo.py", "v-grpo", ""),
+    "trl-grpo": (TRL_PYTHON, "run_trl_grpo.py", "v-grpo", ""),
+    # the length forced by an EOS id outside the vocabulary instead of min_new_tokens (nothing to replay)
+    "tether-ppo-eosout": (sys.executable, "run_tether_grpo.py", "v-ppo", "-eosout"),
+    "tether-grpo-eosout": (sys.executable, "run_tether_grpo.py", "v-grpo", "-eosout"),
+    "trl-grpo-eosout": (TRL_PYTHON, "run_trl_grpo.py", "v-grpo", "-eosout"),
 }
+DEFAULT_SERIES = ["tether-ppo", "tether-grpo", "trl-grpo"]
 STYLE = {"tether-ppo": ("tab:blue", "o", "tether PPO (batch 8)"),
          "tether-grpo": ("tab:green", "s", "tether GRPO (2 x 4)"),
-         "trl-grpo": ("tab:red", "^", "TRL 1.16 GRPO (2 x 4)")}
+         "trl-grpo": ("tab:red", "^", "TRL 1.16 GRPO (2 x 4)"),
+         "tether-ppo-eosout": ("tab:cyan", "o", "tether PPO, EOS outside the vocabulary"),
+         "tether-grpo-eosout": ("tab:olive", "s", "tether GRPO, EOS outside the vocabulary"),
+         "trl-grpo-eosout": ("tab:pink", "^", "TRL GRPO, EOS outside the vocabulary")}
 
 
 def point(r: dict) -> dict:
@@ -113,7 +123,8 @@ def plot(report: dict, out: Path, baseline: dict | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128, 240])
-    parser.add_argument("--series", nargs="+", default=list(SERIES), choices=list(SERIES))
+    parser.add_argument("--series", nargs="+", default=DEFAULT_SERIES, choices=list(SERIES),
+                        help="the -eosout series force the length with an EOS id outside the vocabulary instead")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per point, after one warm-up step")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--profile", action="store_true",
@@ -124,8 +135,9 @@ def main() -> None:
     parser.add_argument("--save-baseline", metavar="NAME", help="also save this run as bench/baselines/vocab_memory_NAME.json")
     parser.add_argument("--render", action="store_true", help="only redraw the plot from bench/results/vocab_memory.json")
     parser.add_argument("--plot", type=Path, default=DOCS / "vocab_memory.png")
+    parser.add_argument("--out", type=Path, default=RESULTS / "vocab_memory.json", help="the run's JSON")
     args = parser.parse_args()
-    out_json = RESULTS / "vocab_memory.json"
+    out_json = args.out
     base_file = BASELINES / f"vocab_memory_{args.baseline}.json"
     if args.render:
         report = json.loads(out_json.read_text())
@@ -133,7 +145,7 @@ def main() -> None:
         print(table(report))
         plot(report, args.plot, baseline if baseline and baseline.get("date") != report.get("date") else None)
         return
-    if "trl-grpo" in args.series and not TRL_PYTHON.exists():
+    if any(name.startswith("trl") for name in args.series) and not TRL_PYTHON.exists():
         sys.exit(f"{TRL_PYTHON} is missing: run bash bench/setup_trl116.sh first")
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "git_head": head, "label": args.label or f"tether {head}",
@@ -145,8 +157,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     for length in report["lengths"]:
         for name in args.series:
-            python, runner, prefix = SERIES[name]
-            r = run_child(python, runner, f"{prefix}-{length}", "--steps", args.steps, "--threads", args.threads,
+            python, runner, prefix, suffix = SERIES[name]
+            r = run_child(python, runner, f"{prefix}-{length}{suffix}", "--steps", args.steps, "--threads", args.threads,
                           threads=args.threads)
             report["points"][name][str(length)] = point(r)
             out_json.write_text(json.dumps(report, indent=2))  # after every point: a long run can be cut short
