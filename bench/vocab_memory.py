@@ -58,7 +58,8 @@ STYLE = {"tether-ppo": ("tab:blue", "o", "tether PPO (batch 8)"),
 def point(r: dict) -> dict:
     """What the plot and the table need from one runner result."""
     if r.get("failed"):
-        return {"failed": True, "output_tail": r.get("output_tail"), "loadavg": r.get("loadavg_before")}
+        return {"failed": True, "returncode": r.get("returncode"), "output_tail": r.get("output_tail"),
+                "loadavg": r.get("loadavg_before"), "child_peak_rss_mb": r.get("child_peak_rss_mb")}
     p = {"peak_rss_mb": r["child_peak_rss_mb"], "median_step_s": r["median_step_s"], "phases": r["s_per_step"],
          "per_step_s": [t["total"] for t in r["per_step"]], "tokens_per_step": r["response_tokens_per_step"],
          "loadavg_before": r["loadavg_before"], "loadavg_after": r["loadavg_after"],
