@@ -129,7 +129,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="timed steps per point, after one warm-up step")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--profile", action="store_true",
-                        help="one more tether PPO process at the longest length with a profiled extra step (--ops 25)")
+                        help="one more tether PPO process at the longest length with a profiled extra step (--ops 25; "
+                        "the -eosout workload when only tether-ppo-eosout is among the series)")
     parser.add_argument("--label", default=None, help="this run's name in the plot legend (default: git HEAD)")
     parser.add_argument("--baseline", default="before_chunked",
                         help="draw bench/baselines/vocab_memory_NAME.json dashed under this run (if it exists)")
@@ -165,9 +166,10 @@ def main() -> None:
             out_json.write_text(json.dumps(report, indent=2))  # after every point: a long run can be cut short
     if args.profile:
         length = max(report["lengths"])
-        r = run_child(sys.executable, "run_tether_grpo.py", f"v-ppo-{length}", "--steps", args.steps, "--threads",
-                      args.threads, "--ops", 25, threads=args.threads)
-        report["profile_ppo"] = {"length": length, **point(r)}
+        suffix = "-eosout" if "tether-ppo-eosout" in args.series and "tether-ppo" not in args.series else ""
+        r = run_child(sys.executable, "run_tether_grpo.py", f"v-ppo-{length}{suffix}", "--steps", args.steps,
+                      "--threads", args.threads, "--ops", 25, threads=args.threads)
+        report["profile_ppo"] = {"length": length, "workload": f"v-ppo-{length}{suffix}", **point(r)}
     report["loadavg_after"] = loadavg()
     report["wall_s"] = time.perf_counter() - start
     out_json.write_text(json.dumps(report, indent=2))
