@@ -67,14 +67,17 @@ def run_child(python, script: str, *args, threads: int = 1) -> dict:
 
 
 def bound(tether: dict, trl: dict) -> dict | None:
-    """The ratio bound from the profiled steps (see the module docstring); None without both profiles."""
+    """The ratio bound from the profiled steps (see the module docstring); None without both profiles. The profiles
+    count CPU time, so the bound is stated against each side's CPU seconds per step (with one thread per side, the
+    step's time less what other processes took from it)."""
     if "profile" not in tether or "profile" not in trl:
         return None
     m = min(tether["profile"]["matmul_self_cpu_s"], trl["profile"]["matmul_self_cpu_s"])
     return {"must_do_matmul_s": m, "tether_matmul_s": tether["profile"]["matmul_self_cpu_s"],
             "trl_matmul_s": trl["profile"]["matmul_self_cpu_s"],
             "tether_matmul_share": tether["profile"]["matmul_share"], "trl_matmul_share": trl["profile"]["matmul_share"],
-            "ratio_bound": trl["median_step_s"] / m, "tether_share_of_bound": m / tether["median_step_s"]}
+            "ratio_bound": trl["s_per_step"]["cpu"] / m, "tether_share_of_bound": m / tether["s_per_step"]["cpu"],
+            "ratio_bound_wall": trl["median_step_s"] / m}
 
 
 def entry(tether: dict, trl: dict) -> dict:
@@ -82,6 +85,8 @@ def entry(tether: dict, trl: dict) -> dict:
     if not (tether.get("failed") or trl.get("failed")):
         e["ratios"] = {"episodes_per_s": tether["episodes_per_s"] / trl["episodes_per_s"],
                        "tokens_per_s": tether["tokens_per_s"] / trl["tokens_per_s"],
+                       "episodes_per_cpu_s": (trl["s_per_step"]["cpu"] / trl["workload"]["batch_size"])
+                       / (tether["s_per_step"]["cpu"] / tether["workload"]["batch_size"]),
                        "peak_rss": tether["peak_rss_mb"] / trl["peak_rss_mb"]}
         e["weights_match"] = abs(tether["logits_checksum"] - trl["logits_checksum"]) <= 1e-6 * max(
             1.0, abs(tether["logits_checksum"]))
@@ -90,36 +95,38 @@ def entry(tether: dict, trl: dict) -> dict:
 
 
 def markdown(report: dict) -> str:
-    rows = ["| workload | side | median step (s) | episodes/s | tokens/s | peak RSS (MB) | generate / score / update (s) "
-            "| load average before -> after |", "|---|---|---:|---:|---:|---:|---|---|"]
+    rows = ["| workload | side | median step (s) | episodes/s | tokens/s | CPU s/step | episodes per CPU-s | peak RSS (MB) "
+            "| generate / score / update (s) | load average before -> after |", "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     notes = []
     for name, e in report["workloads"].items():
         for side in ("tether", "trl"):
             r = e[side]
             if r.get("failed"):
-                rows.append(f"| {name} | {side} | failed (see JSON) | | | | | |")
+                rows.append(f"| {name} | {side} | failed (see JSON) | | | | | | | |")
                 continue
             s = r["s_per_step"]
             rows.append(f"| {name} | {side} | {r['median_step_s']:.2f} | {r['episodes_per_s']:.2f} | "
-                        f"{r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {s['generate']:.2f} / "
+                        f"{r['tokens_per_s']:.0f} | {s['cpu']:.2f} | {r['workload']['batch_size'] / s['cpu']:.2f} | "
+                        f"{r['peak_rss_mb']:.0f} | {s['generate']:.2f} / "
                         f"{s['score']:.2f} / {s['optimise']:.2f} | {r['loadavg_before'][0]:.2f} -> "
                         f"{r['loadavg_after'][0]:.2f} |")
-            notes.append(f"- {name} {side}: every timed step, s: " + ", ".join(f"{t['total']:.2f}" for t in r["per_step"]))
+            notes.append(f"- {name} {side}: every timed step, wall / CPU s: "
+                         + ", ".join(f"{t['total']:.2f} / {t['cpu']:.2f}" for t in r["per_step"]))
         if "ratios" in e:
             q = e["ratios"]
             rows.append(f"| {name} | **tether / TRL** | | **{q['episodes_per_s']:.2f}x** | **{q['tokens_per_s']:.2f}x** | "
-                        f"**{q['peak_rss']:.2f}x** | | |")
+                        f"| **{q['episodes_per_cpu_s']:.2f}x** | **{q['peak_rss']:.2f}x** | | |")
             if not e["weights_match"]:
                 notes.append(f"- {name}: WARNING: the two sides' logits checksums differ (different weights loaded)")
         b = e.get("bound")
         if b:
             notes.append(f"- {name} bound: dense matmuls in the profiled step, tether {b['tether_matmul_s']:.2f} s "
                          f"({b['tether_matmul_share']:.0%} of its op time), TRL {b['trl_matmul_s']:.2f} s "
-                         f"({b['trl_matmul_share']:.0%}); with M = {b['must_do_matmul_s']:.2f} s, tether / TRL is at "
-                         f"most **{b['ratio_bound']:.2f}x** on this machine; tether's {e['ratios']['episodes_per_s']:.2f}x "
-                         f"is {b['tether_share_of_bound']:.0%} of it.")
+                         f"({b['trl_matmul_share']:.0%}); with M = {b['must_do_matmul_s']:.2f} s, tether / TRL in "
+                         f"episodes per CPU-s is at most **{b['ratio_bound']:.2f}x** on this machine; tether's "
+                         f"{e['ratios']['episodes_per_cpu_s']:.2f}x is {b['tether_share_of_bound']:.0%} of it.")
     m = report.get("matmul", {})
-    if not m.get("failed"):
+    if m and not m.get("failed"):
         notes.append(f"- matmul peak (bench/matmul.py, {m.get('torch_threads')} thread(s)): {m['peak_gflops']:.0f} GFLOP/s fp32")
     return "\n".join(rows + [""] + notes) + "\n"
 
