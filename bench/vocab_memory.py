@@ -20,8 +20,9 @@ Peak memory is the child's ru_maxrss as the kernel reports it when it exits (os.
 reference, AdamW state, activations and every temporary. Lengths are run in increasing order, the three series
 side by side at each length. The load average is recorded around every process.
 
-Writes bench/results/vocab_memory.json and docs/vocab_memory.png (peak RSS and median step time against
-response length). A run saved as a baseline (--save-baseline NAME: bench/baselines/vocab_memory_NAME.json, kept
+Writes bench/results/vocab_memory.json and docs/vocab_memory.png (peak RSS, median step time and the CPU seconds
+of that step against response length; with one thread per process, CPU seconds are the step less what other jobs on
+the cores took from it). A run saved as a baseline (--save-baseline NAME: bench/baselines/vocab_memory_NAME.json, kept
 in git) is drawn dashed under the current run, e.g. today's main as "before_chunked", so that a rerun after the
 chunked log-prob path lands shows before and after on one plot.
 """
@@ -93,7 +94,7 @@ def plot(report: dict, out: Path, baseline: dict | None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (mem, sec) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (mem, sec, cpu) = plt.subplots(1, 3, figsize=(15, 4.2))
     runs = [(baseline, "--", 0.45, f" [{baseline.get('label', 'baseline')}]")] if baseline else []
     runs.append((report, "-", 1.0, f" [{report.get('label', 'this run')}]" if baseline else ""))
     for run, line, alpha, suffix in runs:
@@ -107,7 +108,10 @@ def plot(report: dict, out: Path, baseline: dict | None) -> None:
                      label=label + suffix)
             sec.plot(xs, [v["median_step_s"] for _, v in pts], line, color=colour, marker=marker, alpha=alpha,
                      label=label + suffix)
-    for ax, what in ((mem, "peak RSS of the process (GB)"), (sec, "median step time (s)")):
+            cpu.plot(xs, [v["phases"]["cpu"] for _, v in pts], line, color=colour, marker=marker, alpha=alpha,
+                     label=label + suffix)
+    for ax, what in ((mem, "peak RSS of the process (GB)"), (sec, "median step time, wall-clock (s)"),
+                     (cpu, "CPU seconds of the process per step")):
         ax.set_xlabel("response tokens (EOS suppressed)")
         ax.set_ylabel(what)
         ax.set_xticks(report["lengths"])
