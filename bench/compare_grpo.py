@@ -39,12 +39,18 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def child_env() -> dict:
+    """The environment of every child: this checkout's src/ first on PYTHONPATH, so the tree the bench is run from
+    is the one measured (tether's .venv may hold an editable install of another checkout)."""
+    path = os.pathsep.join(p for p in (str(HERE.parent / "src"), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
 def run_child(python, script: str, *args, threads: int = 1) -> dict:
     """Run one side as a fresh process with `threads` torch threads; echo its progress; return its RESULT with the
     child's own peak RSS as the kernel reports it at exit (wait4's ru_maxrss) and the load average around it."""
     cmd = [str(python), str(HERE / script), *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join(p for p in (str(HERE.parent / "src"), os.environ.get("PYTHONPATH")) if p),
+    env = {**child_env(), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
     before = loadavg()
     print(f"[bench] {' '.join(cmd[1:])}  (OMP_NUM_THREADS={threads}, load average {before})", flush=True)
@@ -158,7 +164,7 @@ def main() -> None:
                                          text=True).stdout.strip(), "workloads": {}}
     start = time.perf_counter()
     inputs = sorted({"a" if w == "c-tiny" else "b" for w in args.workloads})
-    subprocess.run([sys.executable, HERE / "prepare.py", *inputs], cwd=HERE, check=True)
+    subprocess.run([sys.executable, HERE / "prepare.py", *inputs], cwd=HERE, check=True, env=child_env())
     report["matmul"] = run_child(sys.executable, "matmul.py", "--repeats", 10, threads=args.threads)
     for name in args.workloads:
         common = [name, "--steps", steps[name], "--threads", args.threads, "--ops", args.ops]

@@ -1,6 +1,6 @@
 """Peak memory and step time against response length at a 151,936-token vocabulary (issue 20), tether's .venv:
 
-    python bench/vocab_memory.py                      # lengths 32 64 128 240, all three series, then the plot
+    .venv/bin/python bench/vocab_memory.py            # lengths 32 64 128 240, all three series, then the plot
     python bench/vocab_memory.py --lengths 32 240 --series tether-ppo --steps 2
     python bench/vocab_memory.py --profile            # also: one profiled PPO step at the longest length
     python bench/vocab_memory.py --render             # only redraw docs/vocab_memory.png from the saved JSON
@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from compare_grpo import HERE, RESULTS, TRL_PYTHON, loadavg, run_child
+from compare_grpo import HERE, RESULTS, TRL_PYTHON, child_env, loadavg, run_child
 
 DOCS = HERE.parent / "docs"
 BASELINES = HERE / "baselines"
@@ -159,7 +159,7 @@ def main() -> None:
               "command": "python bench/vocab_memory.py " + " ".join(sys.argv[1:]), "loadavg_before": loadavg(),
               "points": {name: {} for name in args.series}}
     start = time.perf_counter()
-    subprocess.run([sys.executable, HERE / "prepare.py", "v"], cwd=HERE, check=True)
+    subprocess.run([sys.executable, HERE / "prepare.py", "v"], cwd=HERE, check=True, env=child_env())
     RESULTS.mkdir(exist_ok=True)
     for length in report["lengths"]:
         for name in args.series:
