@@ -3,6 +3,7 @@ update (and after a resume), its log-probs agree with the trainer's, GRPO and PP
 do is refused by name. One engine is built for the whole file (about 30 s) and every trainer here reuses it: each
 trainer's engine pushes its own policy's weights into it before its first generation, like a fresh one."""
 
+import math
 import os
 
 import pytest
@@ -197,3 +198,33 @@ def test_missing_vllm_names_the_pip_command(tmp_path, monkeypatch):
     monkeypatch.setattr(extras, "_installed", lambda module: module != "vllm" and real(module))
     with pytest.raises(ImportError, match=r"vllm \(needed by rollout_engine=vllm\): pip install 'tether\[vllm\]'"):
         RLTrainer(PPOConfig(rollout_engine="vllm", output_dir=str(tmp_path), model="no/such-model"))
+
+
+@pytest.mark.parametrize("shift, bound, factor", [(1.5, "tis", 1.5), (3.0, "tis", 2.0), (3.0, "mis", 0.0)])
+def test_correction_weights_scale_the_policy_loss(tmp_path, reuse_engine, shift, bound, factor):
+    """One update (ratio 1 throughout): with engine log-probs lower than the trainer's by log(shift) on every token,
+    rho = shift, and the policy loss is that of weights 1 times min(shift, 2) (tis) or 0 above the cap (mis)."""
+    keys = {"steps": 1, "ppo_epochs": 1, "minibatch_size": 16, "rollout_correction": bound}
+    runs = []
+    for offset in (0.0, math.log(shift)):
+        trainer = build("grpo", tmp_path / f"{offset}", **keys)
+        gen = trainer.generate([p for p in PROMPTS[:4] for _ in range(4)])
+        stats = trainer.step(gen.queries, gen.responses, [float(i % 3) for i in range(16)],
+                             behaviour_logprobs=[lp - offset for lp in gen.logprobs])
+        runs.append(stats)
+    plain, shifted = runs
+    assert abs(plain["rollout/correction_mean"] - 1) < 1e-3
+    assert abs(shifted["rollout/correction_mean"] - factor) < 1e-3
+    assert abs(shifted["ppo/loss/policy"] - factor * plain["ppo/loss/policy"]) < 1e-4 * (1 + abs(plain["ppo/loss/policy"]))
+
+
+def test_lora_adapters_are_merged_into_the_pushed_weights(tmp_path, reuse_engine):
+    pytest.importorskip("peft")
+    from tether.rollout.vllm_engine import merged_weights
+
+    trainer = build("grpo", tmp_path, steps=2, lora_r=4, learning_rate=1e-2)
+    trainer.train()
+    lora = [(n, p) for n, p in trainer.policy.model.named_parameters() if "lora_B" in n]
+    assert lora and max(p.abs().max().item() for _, p in lora) > 0  # the adapters moved off their zero start
+    assert gap(trainer) < TOLERANCE
+    assert not any("base_layer" in n or "lora_" in n for n, _ in merged_weights(trainer.policy.model))
