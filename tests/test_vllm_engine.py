@@ -228,3 +228,31 @@ def test_lora_adapters_are_merged_into_the_pushed_weights(tmp_path, reuse_engine
     assert lora and max(p.abs().max().item() for _, p in lora) > 0  # the adapters moved off their zero start
     assert gap(trainer) < TOLERANCE
     assert not any("base_layer" in n or "lora_" in n for n, _ in merged_weights(trainer.policy.model))
+
+
+def test_two_processes_each_generate_with_their_own_engine(tmp_path):
+    """DDP on 2 CPU processes (gloo): every process's engine holds the trained weights after the updates, the
+    processes sample different completions (their own seeds), and the metrics are over both."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true",
+           "PYTHONPATH": os.pathsep.join([str(root / "tests"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+           str(root / "examples/accelerate/cpu_2proc.yaml"), "--num_processes", "2", "--main_process_port", str(port),
+           str(root / "tests/dist/vllm_run.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        assert r["gap"] < TOLERANCE and r["pushes"] == 3  # before steps 1 and 2, and before the last generation
+        assert all(h["rollout/mismatch_kl"] < MISMATCH_KL_BOUND for h in r["history"])
+    assert ranks[0]["history"][-1]["objective/kl"] == ranks[1]["history"][-1]["objective/kl"]  # over both
+    assert ranks[0]["sampled"] != ranks[1]["sampled"]
