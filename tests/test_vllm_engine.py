@@ -173,6 +173,7 @@ def test_resumed_run_generates_with_the_restored_weights(tmp_path, reuse_engine)
     ({"rollout_engine": "vllm", "vllm_gpu_memory_utilization": 1.5}, "vllm_gpu_memory_utilization=1.5"),
     ({"rollout_engine": "vllm", "vllm_max_model_len": 16, "max_new_tokens": 16}, "vllm_max_model_len=16 must"),
     ({"rollout_engine": "sglang"}, "rollout_engine='sglang' is not one of"),
+    ({"rollout_engine": "vllm", "temperature": 1e-6}, "temperature=1e-06 with rollout_engine=vllm"),
 ])
 def test_refused_settings_are_named(keys, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):

@@ -62,6 +62,9 @@ def engine_errors(c) -> list[str]:
                         f"(it holds the prompt and the completion)")
     if c.vllm_dtype not in ("auto", "float32", "bfloat16", "float16"):
         problems.append(f"vllm_dtype={c.vllm_dtype!r} is not one of ['auto', 'float32', 'bfloat16', 'float16']")
+    if 0 < c.temperature < 1e-5:  # vLLM's _SAMPLING_EPS: below it a request is decoded greedily
+        problems.append(f"temperature={c.temperature!r} with rollout_engine=vllm: vLLM decodes greedily below 1e-5, "
+                        f"which is not the distribution tether replays; use a temperature of at least 1e-5")
     if c.no_repeat_ngram_size:
         problems.append(f"no_repeat_ngram_size={c.no_repeat_ngram_size} with rollout_engine=vllm: vLLM has no n-gram "
                         f"blocking to sample with; use rollout_engine=tether, or leave it at 0")
