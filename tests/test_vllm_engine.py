@@ -19,7 +19,7 @@ vllm = pytest.importorskip("vllm", reason="the vllm extra (pip install 'tether[v
 
 PROMPTS = ["the movie was", "i really", "a story", "the actor and", "we", "it is not", "the plot was very", "music"]
 MAX_LEN = 48  # the shared engine's max_model_len: the longest prompt above plus max_new_tokens, with room
-TOLERANCE = 1e-4  # engine vs trainer log-probs in fp32 (measured: about 1e-6)
+TOLERANCE = 1e-4  # engine vs trainer log-probs in fp32 (measured: 2.4e-7; stale weights: 0.99)
 
 
 def make_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
