@@ -216,7 +216,8 @@ def test_correction_weights_scale_the_policy_loss(tmp_path, reuse_engine, shift,
     plain, shifted = runs
     assert abs(plain["rollout/correction_mean"] - 1) < 1e-3
     assert abs(shifted["rollout/correction_mean"] - factor) < 1e-3
-    assert abs(shifted["ppo/loss/policy"] - factor * plain["ppo/loss/policy"]) < 1e-4 * (1 + abs(plain["ppo/loss/policy"]))
+    loss = plain["ppo/loss/policy"]
+    assert abs(shifted["ppo/loss/policy"] - factor * loss) < 1e-4 * (1 + abs(loss))
 
 
 def test_lora_adapters_are_merged_into_the_pushed_weights(tmp_path, reuse_engine):

@@ -71,6 +71,13 @@ def engine_errors(c) -> list[str]:
     return problems
 
 
+def check_engine(c, logits_processors, sharding: str) -> None:
+    """ValueError naming what the configured engine cannot do with this trainer's arguments and launch."""
+    refused = vllm_refusals(logits_processors, sharding) if c.rollout_engine == "vllm" else []
+    if refused:
+        raise ValueError("; ".join(refused))
+
+
 def vllm_refusals(logits_processors, sharding: str) -> list[str]:
     """What rollout_engine=vllm refuses at trainer set-up, before any model loads."""
     problems = []

@@ -34,7 +34,7 @@ from tether.report import build_report
 from tether.rewards import COMPLETION_INFO, accepted_keywords
 from tether.rollout import Sampler
 from tether.rollout.batch import Generation, Rollouts
-from tether.rollout.engines import build_engine, vllm_refusals
+from tether.rollout.engines import build_engine, check_engine
 from tether.chat import load_chat_prompts
 from tether.trainers.assemble import build_models, column_names, prompt_fields
 from tether.trainers.behaviour import correction_for, with_behaviour
@@ -71,10 +71,7 @@ class RLTrainer:
                              "ref_model cannot be given as well")
         self.ranks = Ranks(cpu=c.device == "cpu")
         self.comm = self.ranks.comm  # the collectives the step's statistics need
-        refused = vllm_refusals(logits_processors, self.ranks.sharding if self.ranks.sharded else "") if (
-            c.rollout_engine == "vllm") else []
-        if refused:
-            raise ValueError("; ".join(refused))
+        check_engine(c, logits_processors, self.ranks.sharding if self.ranks.sharded else "")  # before models load
         if c.lora_r and self.ranks.sharded:
             raise ValueError("LoRA (lora_r > 0) with sharded parameters (DeepSpeed ZeRO-3, FSDP) is not supported "
                              "yet: run LoRA on DDP or ZeRO-2; the adapter is small and the frozen base needs no "
@@ -127,8 +124,7 @@ class RLTrainer:
         clip_groups = [[p for p in m.parameters() if p.requires_grad]
                        for m in ([self.policy, self.critic] if self.critic is not None else [self.policy])]
         self.sample_generator = sample = torch.Generator(self.device).manual_seed(rank_seed(c.seed, self.comm.rank))
-        self.engine = build_engine(self, sample)  # step 1's sampler: tether's loop or vLLM (rollout/engines.py)
-        self.correction = correction_for(c)  # rollout_correction's weights, or None
+        self.engine, self.correction = build_engine(self, sample), correction_for(c)  # rollout/engines.py
         shuffle = torch.Generator().manual_seed(c.seed + 1)  # minibatch partitions
         data = torch.Generator().manual_seed(c.seed + 2)  # prompt order
         self.progress = Progress(data)
@@ -166,7 +162,7 @@ class RLTrainer:
              behaviour_logprobs: list[Tensor] | None = None) -> dict[str, float]:
         """2-7. One update on rollouts sampled by `generate` (token ids, not re-tokenised text). With
         num_generations = G > 1, rows k*G .. k*G + G - 1 must be completions of the same prompt.
-        behaviour_logprobs: `Generation.logprobs`, the engine's log-probs (mismatch metrics, rollout_correction)."""
+        behaviour_logprobs: `Generation.logprobs` (the engine's: mismatch metrics, rollout_correction)."""
         return self._step(queries, responses, scores, behaviour_logprobs=behaviour_logprobs)[0]
 
     def _step(self, queries: list[Tensor], responses: list[Tensor], scores, keep: Tensor | None = None,
@@ -205,8 +201,8 @@ class RLTrainer:
         self.progress.step += 1
         stats = step_metrics(comm, batch, seqs, beta, self.scheduler.get_last_lr()[0], self.eos_token_ids,
                              self.progress.support_flips, train_stats)
-        stats.update({**engine_stats, "time/score": t_score - t0, "time/optimise": t_optimise,
-                      "time/step": time.perf_counter() - t0})
+        stats.update(engine_stats)  # rollout/mismatch_*, rollout/correction_*
+        stats.update({"time/score": t_score - t0, "time/optimise": t_optimise, "time/step": time.perf_counter() - t0})
         warn_if_negative_kl(seqs["estimate"], self.step_count)
         self.faults.record(train_stats["faults/skipped_minibatches"] > 0, "a minibatch loss or gradient was nan/inf",
                            self.step_count)
