@@ -17,6 +17,7 @@ in memory, never through a checkpoint on disk.
   not serialised copies, and no second process is spawned.
 """
 
+import copy
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -86,7 +87,9 @@ class VLLMEngine:
         dtype = c.vllm_dtype if c.vllm_dtype != "auto" else (
             "float32" if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."))
         self._folder = tempfile.TemporaryDirectory(prefix="tether-vllm-")  # the config only: no weights
-        config = getattr(lm, "get_base_model", lambda: lm)().config
+        base = getattr(lm, "get_base_model", lambda: lm)()
+        config = copy.deepcopy(base.config)
+        config.architectures = config.architectures or [type(base).__name__]  # how vLLM picks its model class
         config.save_pretrained(self._folder.name)
         self.llm = LLM(model=self._folder.name, load_format="dummy", skip_tokenizer_init=True,
                        generation_config="vllm", logprobs_mode="processed_logprobs", dtype=dtype,
@@ -125,7 +128,7 @@ class VLLMEngine:
 
     def prompt_logprobs(self, ids: list[int], start: int) -> Tensor:
         """log p(ids[t] | ids[:t]) for t >= start under the engine's current weights, raw (temperature 1, no
-        truncation): the check that the engine holds the trainer's weights (tests, `tether` diagnostics)."""
+        truncation): the check that the engine holds the trainer's weights (the tests use it)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
