@@ -11,7 +11,7 @@ from test_ppo_learns import PROMPTS, assert_learned_with_kl_bounded, share_of, t
 from tether import PPOConfig
 from tether.ops import group_centred, group_normalised, leave_one_out
 from tether.trainers import GRPOTrainer, PPOTrainer, ReinforcePPTrainer, RLOOTrainer, trainer_class
-from tether.trainers.scoring import policy_logprobs
+from tether.trainers.scoring import TokenReplay
 
 
 # ---- the estimators, by hand -------------------------------------------------------------------
@@ -227,9 +227,9 @@ def test_kl_in_loss_ignores_padding_after_eos_even_under_top_k(tmp_path):
     responses = list(gen.responses)
     responses[0] = torch.cat([responses[0], torch.tensor([pad, pad, pad])])  # padding the sampler never drew
     batch = trainer.score(gen.queries, responses)
-    replayed, _, _, _ = policy_logprobs(trainer.sampler, trainer.trainable(batch.query_ids, batch.query_mask,
-                                                                        batch.response_ids)[0],
-                                     batch.query_ids, batch.query_mask, batch.response_ids)
+    logits = trainer.trainable(batch.query_ids, batch.query_mask, batch.response_ids)[0]
+    replay = TokenReplay(trainer.sampler, batch.query_ids, batch.query_mask, batch.response_ids)
+    replayed = replay(logits, slice(0, len(logits)), slice(0, logits.shape[1]))["logprobs"]
     assert torch.isneginf(replayed[0][batch.mask[0] == 0]).any()  # the case at hand: padding replays to -inf
     stats = trainer.step(gen.queries, responses, [0.0, 1.0, 1.0, 0.0])
     assert stats["faults/skipped_minibatches"] == 0 and stats["ppo/loss/kl"] == stats["ppo/loss/kl"]

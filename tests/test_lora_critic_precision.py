@@ -13,7 +13,7 @@ from tether import PPOConfig
 from tether.models.attention import FP32_SDPA, fp32_sdpa_attention
 from tether.models.policy import response_forward
 from tether.trainers import GRPOTrainer, PPOTrainer
-from tether.trainers.base import reference_logits
+from tether.trainers.scoring import reference_states
 
 # Only the LoRA tests need PEFT (the `peft` extra); the critic and precision tests run without it.
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="LoRA needs peft: pip install tether[peft]")
@@ -47,7 +47,8 @@ def test_lora_reference_is_the_base_model_with_no_second_copy(tmp_path):
     assert stats["objective/kl"] > 0  # the policy moved away ...
     q = gen.queries[0][None]
     r = gen.responses[0][None]
-    ref_logits = reference_logits(trainer.policy.model, trainer.peft, q, torch.ones_like(q), r)
+    states, project = reference_states(trainer.policy.model, trainer.ref_head, trainer.peft, q, torch.ones_like(q), r)
+    ref_logits = project(states)
     expected, _ = response_forward(frozen_copy, q, torch.ones_like(q), r)
     torch.testing.assert_close(ref_logits, expected, atol=1e-5, rtol=0)  # ... the reference did not
     policy_logits, _ = response_forward(trainer.policy.model, q, torch.ones_like(q), r)

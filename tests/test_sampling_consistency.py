@@ -262,11 +262,14 @@ def test_a_user_logits_processor_is_sampled_with_and_replayed_end_to_end(tmp_pat
 # ---- the support-flip fallback ---------------------------------------------------------------------
 def _score_fixed(sampler, logits, responses):
     """score_rollouts on fixed logits (B, T, V) for one-token prompts: the policy's and the reference's alike."""
+    from tether.models.head import over_positions
     from tether.ops.kl import ESTIMATORS
     from tether.trainers.scoring import score_rollouts
 
     B = len(responses)
-    return score_rollouts(lambda q, m, r: (logits, None), lambda q, m, r: logits, sampler, ESTIMATORS["kl"], False,
+    same = lambda x: x  # noqa: E731 (the logits are given: no head to apply)
+    return score_rollouts(lambda q, m, r, per_token: (over_positions(per_token, logits, same, 1), None),
+                          lambda q, m, r: (logits, same), sampler, ESTIMATORS["kl"], False,
                           [torch.tensor([3])] * B, [torch.tensor(r) for r in responses], 1, [0], B,
                           torch.device("cpu"))
 

@@ -38,7 +38,7 @@ def config_errors(c) -> list[str]:
         positive(name)
     for name in ("min_new_tokens", "top_k", "no_repeat_ngram_size", "init_kl_coef", "vf_coef", "weight_decay",
                  "max_grad_norm", "warmup_steps", "samples_every", "score_scale", "checkpoint_every", "lora_r",
-                 "missing_eos_penalty", "eval_every"):
+                 "missing_eos_penalty", "eval_every", "logits_chunk_rows"):
         non_negative(name)
     in_unit("top_p", low_open=True)
     in_unit("gamma", low_open=False)

@@ -4,6 +4,7 @@ a separate critic = a transformer body + a value head."""
 import copy
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Cache, PreTrainedModel
 
+from tether.models.head import PerToken, block_rows, over_positions, separable_head
 from tether.models.paths import check_model_folder
 from tether.rollout.generate import Rollout, forward_params, positions, sample
 
@@ -56,7 +58,8 @@ def response_forward(model: PreTrainedModel, query_ids: Tensor, query_mask: Tens
 
     Returns logits (B, T, V) where row t predicts response token t, and (if hidden) the last hidden
     state (B, T, H) at the same positions. Only the T response positions are projected onto the
-    vocabulary (`logits_to_keep`), not the prompt.
+    vocabulary (`logits_to_keep`), not the prompt. The whole (B, T, V) block at once: what tests and probes
+    compare against; training and scoring go through `response_states` and `over_positions` instead.
     """
     T = response_ids.shape[1]
     kwargs = {"logits_to_keep": T + 1} if "logits_to_keep" in forward_params(model) else {}
@@ -65,6 +68,26 @@ def response_forward(model: PreTrainedModel, query_ids: Tensor, query_mask: Tens
     logits = out.logits[:, -(T + 1):-1].float()  # log-prob math in fp32 also under bf16 autocast
     last_hidden = out.hidden_states[-1][:, query_ids.shape[1] - 1:-1] if hidden else None
     return logits, last_hidden
+
+
+def response_states(model: PreTrainedModel, head: nn.Module | None, query_ids: Tensor, query_mask: Tensor,
+                    response_ids: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+    """The teacher-forced forward without the (B, T, V) logits: -> (states, last hidden state (B, T, H),
+    project), where project(states[block]) are that block's logits. With a separable LM head (`separable_head`)
+    the states are the final hidden states and project is the head; without one, the model's own logits
+    (B, T, V) and the identity."""
+    if head is None:
+        logits, hidden = response_forward(model, query_ids, query_mask, response_ids, hidden=True)
+        return logits, hidden, _identity
+    # one position's logits, not the whole sequence's (a model without logits_to_keep has no head to separate)
+    out = model(**_teacher_forced(query_ids, query_mask, response_ids), use_cache=False, output_hidden_states=True,
+                logits_to_keep=1)
+    hidden = out.hidden_states[-1][:, query_ids.shape[1] - 1:-1]
+    return hidden, hidden, head
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
 
 
 def _teacher_forced(query_ids: Tensor, query_mask: Tensor, response_ids: Tensor) -> dict[str, Tensor]:
@@ -90,17 +113,27 @@ class PolicyWithValueHead(nn.Module):
     lambda-discounted returns. The head still learns at once: dV/dw = h is not zero.
     """
 
-    def __init__(self, model: PreTrainedModel, value_head: bool = True) -> None:
+    def __init__(self, model: PreTrainedModel, value_head: bool = True, logits_chunk_rows: int = 0) -> None:
         super().__init__()
         self.model = model
         self.value_head = _zero_value_head(model.get_output_embeddings().in_features, model) if value_head else None
+        self.head = separable_head(model)  # None: scored from the model's own logits (see response_states)
+        self.block_rows = block_rows(logits_chunk_rows, model.get_output_embeddings().out_features)
 
-    def forward(self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor) -> tuple[Tensor, Tensor | None]:
-        """-> logits (B, T, V), values (B, T) V(s_t) for the state before response token t (None without
-        a value head)."""
-        logits, hidden = response_forward(self.model, query_ids, query_mask, response_ids,
-                                          hidden=self.value_head is not None)
-        return logits, None if hidden is None else self.value_head(hidden.float()).squeeze(-1)
+    def forward(self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, per_token: PerToken | None = None
+                ) -> tuple[Tensor | dict[str, Tensor], Tensor | None]:
+        """-> values (B, T) V(s_t) for the state before response token t (None without a value head), after
+        per_token's results over every response position, a block of positions at a time (`over_positions`); without
+        per_token, the logits (B, T, V) whole."""
+        if per_token is None:
+            logits, hidden = response_forward(self.model, query_ids, query_mask, response_ids,
+                                              hidden=self.value_head is not None)
+            return logits, self._values(hidden)
+        states, hidden, project = response_states(self.model, self.head, query_ids, query_mask, response_ids)
+        return over_positions(per_token, states, project, self.block_rows), self._values(hidden)
+
+    def _values(self, hidden: Tensor | None) -> Tensor | None:
+        return None if hidden is None or self.value_head is None else self.value_head(hidden.float()).squeeze(-1)
 
     def save_pretrained(self, directory: str | Path, tokenizer=None, model: PreTrainedModel | None = None,
                         state_dict: dict[str, Tensor] | None = None) -> None:
@@ -198,12 +231,14 @@ class Trained(nn.Module):
         module so that FSDP can run a whole rollout as one forward pass of its root unit (`Ranks.prepare`)."""
         return sample(self.policy.model, *args, **kwargs)
 
-    def forward(self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor) -> tuple[Tensor, Tensor | None]:
-        """-> policy logits (B, T, V), values (B, T) from the critic or the value head (None without either)."""
-        logits, values = self.policy(query_ids, query_mask, response_ids)
+    def forward(self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, per_token: PerToken | None = None
+                ) -> tuple[Tensor | dict[str, Tensor], Tensor | None]:
+        """-> the policy's per_token results (or its logits (B, T, V) without per_token, see
+        PolicyWithValueHead.forward), values (B, T) from the critic or the value head (None without either)."""
+        out, values = self.policy(query_ids, query_mask, response_ids, per_token)
         if self.critic is not None:
             values = self.critic(query_ids, query_mask, response_ids)
-        return logits, values
+        return out, values
 
 
 def build_critic(kind: str, lm: PreTrainedModel, reward, tokenizer, device) -> Critic | None:

@@ -85,3 +85,12 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     if not shift_mean:
         white = white + mean
     return white * mask
+
+
+def padding_bounds(query_mask: Tensor, response_mask: Tensor) -> tuple[int, int]:
+    """(p0, t1): rows' prompts (left-padded) and responses (right-padded) need only columns p0: and :t1, the
+    first column with a real prompt token in any row and one past the last response token of any row (at
+    least 1)."""
+    p0 = int((query_mask.sum(0) > 0).int().argmax())
+    filled = response_mask.sum(0).nonzero()
+    return p0, int(filled.max()) + 1 if len(filled) else 1

@@ -5,6 +5,8 @@ from dataclasses import dataclass, fields, replace
 
 from torch import Tensor
 
+from tether.ops.masks import padding_bounds
+
 
 @dataclass
 class Generation:
@@ -49,6 +51,19 @@ class Rollouts:
     def train_mask(self) -> Tensor:
         """The tokens the update's loss sees: `loss_mask`, or every response token."""
         return self.mask if self.loss_mask is None else self.loss_mask
+
+    def trimmed(self) -> "Rollouts":
+        """The same rows without the prompt columns that are padding in every row (left) and the response columns
+        past every row's last token (right): a micro-batch's model inputs at its own longest prompt and response.
+        Teacher-forced log-probs do not depend on padding (position ids skip it, attention masks it), so only the
+        work shrinks."""
+        p0, t1 = padding_bounds(self.query_mask, self.mask)
+        T = self.mask.shape[1]
+        cut = {f.name: getattr(self, f.name)[:, p0:] for f in fields(self) if f.name in ("query_ids", "query_mask")}
+        cut.update({f.name: getattr(self, f.name)[:, :t1] for f in fields(self) if f.name not in cut
+                    and getattr(self, f.name) is not None and getattr(self, f.name).dim() == 2
+                    and getattr(self, f.name).shape[1] == T})
+        return replace(self, **cut)
 
     def rows(self, index: Tensor) -> "Rollouts":
         """The same batch restricted to rows `index` (every tensor field along its first dimension)."""

@@ -118,14 +118,16 @@ class Sampler:
         its attention mask (left padding is 0 in mask). Returns (B, V) float, -inf where filtered."""
         return self._rowwise(self._contextual(logits.float(), ids, mask, t))
 
-    def sequence_scores(self, logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
-        """Teacher-forced replay. logits: (B, T, V) raw, position t predicting response token t;
-        ids, mask: (B, P + T) prompt + response. Returns (B, T, V), equal to step_scores at each t."""
+    def sequence_scores(self, logits: Tensor, ids: Tensor, mask: Tensor, start: int = 0) -> Tensor:
+        """Teacher-forced replay. logits: (B, T, V) raw, position i predicting response token start + i;
+        ids, mask: (B, P + start + T) prompt + response up to the last of those tokens. Returns (B, T, V), equal
+        to step_scores at each position."""
         B, T, V = logits.shape
-        P = ids.shape[1] - T
+        P = ids.shape[1] - T  # the prefix before the first of these positions
         x = logits.float()
         if self.needs_context:
-            x = torch.stack([self._contextual(x[:, t], ids[:, : P + t], mask[:, : P + t], t) for t in range(T)], 1)
+            x = torch.stack([self._contextual(x[:, i], ids[:, : P + i], mask[:, : P + i], start + i)
+                             for i in range(T)], 1)
         if self._temperature_only:
             # No reshape: logits arrive as a strided slice, and reshape(B * T, V) would copy all of them (and
             # copy the gradient back) only to divide, or to do nothing at temperature 1.
@@ -135,7 +137,8 @@ class Sampler:
     def reference_scores(self, logits: Tensor) -> Tensor:
         """The reference at the sampling temperature, untruncated (see the module docstring). The policy's
         logits through this give the distribution the KL term of the loss compares with the reference."""
-        return logits.float() / self.temperature
+        x = logits.float()
+        return x if self.temperature == 1.0 else x / self.temperature  # no (..., V) copy to divide by 1
 
     def _contextual(self, x: Tensor, ids: Tensor, mask: Tensor, t: int) -> Tensor:
         if t < self.min_new_tokens:

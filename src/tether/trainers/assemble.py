@@ -10,6 +10,7 @@ import torch
 from tether.config import PPOConfig
 from tether.distributed import Ranks
 from tether.models.attention import fp32_attention_on_cpu
+from tether.models.head import separable_head
 from tether.models.policy import (
     Critic,
     PolicyWithValueHead,
@@ -30,6 +31,7 @@ class Models:
     policy: PolicyWithValueHead
     critic: Critic | None  # a separate critic (ppo with critic=policy, reward or a path); None: shared or none
     ref: torch.nn.Module | None  # the frozen reference; None with LoRA (the policy with its adapters disabled)
+    ref_head: torch.nn.Module | None  # the reference's separable LM head (models.head.separable_head), or None
     peft: torch.nn.Module | None  # the PeftModel around the policy's LM with LoRA, else None
     reward: object  # the resolved reward (callable or reward model adapter), None when none was given
     vocab_size: int
@@ -56,18 +58,20 @@ def build_models(c: PPOConfig, ranks: Ranks, device: torch.device, autocast_dtyp
             if ref_vocab != vocab_size:
                 raise ValueError(f"the reference model's vocabulary ({ref_vocab}) differs from the policy's "
                                  f"({vocab_size}); the KL needs both over the same tokens")
+    policy = PolicyWithValueHead(lm, value_head=uses_critic and critic is None, logits_chunk_rows=c.logits_chunk_rows)
+    # probed before the reference's linear layers go to bf16 (which only runs under autocast)
+    ref_head = policy.head if ref is None else separable_head(ref)
     if autocast_dtype is not None and device.type == "cpu":  # bf16 autocast on the CPU
         for m in (lm, ref, critic.body if critic is not None else None):
             if m is not None:
                 fp32_attention_on_cpu(m)
     if autocast_dtype is not None and ref is not None:  # the reference only runs under autocast
         linear_weights_in(ref, autocast_dtype)
-    policy = PolicyWithValueHead(lm, value_head=uses_critic and critic is None)
     if c.gradient_checkpointing:
         enable_gradient_checkpointing(lm)
         if critic is not None:
             enable_gradient_checkpointing(critic.body)
-    return Models(policy, critic, ref, peft, resolved, vocab_size)
+    return Models(policy, critic, ref, ref_head, peft, resolved, vocab_size)
 
 
 def prompt_fields(rows: PromptRows | None, tokenizer) -> tuple[list | None, list[dict], list[str]]:

@@ -45,7 +45,7 @@ from tether.trainers.metrics import gather_per_sequence, kl_per_sequence, step_m
 from tether.trainers.optimise import Learner, optimise
 from tether.trainers.run import NoLog, RunLogger
 from tether.trainers.evaluate import maybe_evaluate
-from tether.trainers.scoring import reference_logits, score_rollouts
+from tether.trainers.scoring import reference_states, score_rollouts
 from tether.trainers.setup import (autocast_dtype, check_compile, check_step_inputs, check_token_rows, encode_prompt,
                                    eos_ids, keep_freed_memory, load_tokenizer, make_adamw, seed_everything)
 from tether.trainers.state import Progress, RandomState
@@ -94,6 +94,7 @@ class RLTrainer:
         m = build_models(c, self.ranks, self.device, self.autocast_dtype, self.method.uses_critic, self.tokenizer,
                          model, ref_model, reward, self.local_batch)
         self.policy, self.critic, self.ref, self.peft, self.reward = m.policy, m.critic, m.ref, m.peft, m.reward
+        self.ref_head = m.ref_head
         self.vocab_size = m.vocab_size
         self.prompts, self.prompt_columns, self.prompt_texts = prompt_fields(rows, self.tokenizer)  # (N,) each
         self.reward_keywords = accepted_keywords(self.reward, (*COMPLETION_INFO, *column_names(rows, self.eval_rows))
@@ -212,9 +213,9 @@ class RLTrainer:
     def score(self, queries: list[Tensor], responses: list[Tensor]) -> Rollouts:
         """3. The rollouts scored: behaviour and reference log-probs, values, KL, entropy (no update)."""
         c = self.config
-        ref_logits = partial(_autocast, self.autocast_dtype, partial(
-            reference_logits, self.ref if self.peft is None else self.policy.model, self.peft))
-        return score_rollouts(self.learner.forward, ref_logits, self.sampler, self.learner.estimator, c.kl_in_loss,
+        ref = partial(_autocast, self.autocast_dtype, partial(
+            reference_states, self.ref if self.peft is None else self.policy.model, self.ref_head, self.peft))
+        return score_rollouts(self.learner.forward, ref, self.sampler, self.learner.estimator, c.kl_in_loss,
                               queries, responses, self.tokenizer.pad_token_id, self.eos_token_ids,
                               self.local_minibatch // c.gradient_accumulation_steps, self.device)
 

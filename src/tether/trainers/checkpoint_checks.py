@@ -17,7 +17,7 @@ from tether.trainers.statefile import CheckpointError
 # folder is moved (to a disk with room, say) and resumed where it now is; the trackers and the held-out evaluation
 # only watch the run (its training metrics are the same with or without them).
 RESUMABLE_CHANGES = {"steps", "resume", "checkpoint_every", "keep_checkpoints", "samples_every", "samples_per_step",
-                     "max_faults_in_row", "device", "compile", "keep_freed_memory", "output_dir", "report_to",
+                     "max_faults_in_row", "device", "compile", "keep_freed_memory", "logits_chunk_rows", "output_dir", "report_to",
                      "tracker_project", "run_name", "tracker_tags", "mlflow_tracking_uri", "eval_prompts", "eval_every",
                      "eval_sampling"}
 

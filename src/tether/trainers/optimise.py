@@ -16,7 +16,8 @@ from tether.losses.ppo import OBJECTIVES, RATIOS, entropy_bonus, kl_penalty, pol
 from tether.partition import rank_minibatches
 from tether.rollout import Sampler
 from tether.rollout.batch import Rollouts
-from tether.trainers.scoring import Forward, kl_logprobs, policy_logprobs
+from tether.trainers.batching import length_order
+from tether.trainers.scoring import Forward, TokenReplay
 
 
 @dataclass
@@ -70,6 +71,10 @@ def optimise(learner: Learner, b: Rollouts, beta: float) -> dict[str, float]:
     if c.entropy_coef > 0:
         stats["ppo/loss/entropy"] = stats.pop("ppo/entropy_loss/loss", math.nan)
         stats["ppo/loss/total"] += c.entropy_coef * stats["ppo/loss/entropy"]
+    if "padding/slots" in stats:  # shares of the positions the updates' forward passes ran on
+        slots, real, whole = (stats.pop(f"padding/{k}") for k in ("slots", "real", "batch_padded"))
+        stats["throughput/padding_share"] = 1 - real / slots
+        stats["throughput/padding_share_batch_padded"] = 1 - real / whole
     stats["faults/skipped_minibatches"] = float(outcomes["fault"])
     stats["ppo/skipped_ratio_minibatches"] = float(outcomes["ratio"])
     stats["ppo/empty_minibatches"] = float(outcomes["empty"])
@@ -85,6 +90,7 @@ def update(learner: Learner, b: Rollouts, mb: Tensor, beta: float, totals: dict)
     Returns ok / fault / ratio, or empty for a minibatch with no loss token (every row left out of the loss)."""
     c, g = learner.config, learner.ranks
     comm = g.comm
+    mb = mb[length_order(b.query_mask[mb], b.mask[mb])]  # micro-batches of rows of like length: less padding
     loss_mask = b.train_mask[mb]
     if comm.all_reduce(loss_mask.sum()) == 0:
         return "empty"
@@ -97,7 +103,10 @@ def update(learner: Learner, b: Rollouts, mb: Tensor, beta: float, totals: dict)
     for n, j in enumerate(micro):
         last = n == len(micro) - 1
         with g.no_sync(learner.trained_module, skip=not last):
-            loss, parts = micro_loss(learner, b.rows(j), beta, weights[n], stat_weights[n])
+            part = b.rows(j).trimmed()  # to its own longest prompt and response
+            t1 = part.mask.shape[1]
+            loss, parts = micro_loss(learner, part, beta, weights[n][:, :t1], stat_weights[n][:, :t1])
+            parts["padding/"] = padding_counts(part, b)
             if comm.any(not torch.isfinite(loss)):
                 g.discard(loss)
                 return "fault"
@@ -124,18 +133,27 @@ def update(learner: Learner, b: Rollouts, mb: Tensor, beta: float, totals: dict)
     return "ok"
 
 
+def padding_counts(part: Rollouts, batch: Rollouts) -> dict[str, Tensor]:
+    """Positions a micro-batch's forward pass runs on (`slots`), the real tokens among them (prompt tokens and
+    response tokens up to EOS), and the slots it would take padded like the whole batch (`batch_padded`)."""
+    rows = len(part.mask)
+    return {"slots": torch.tensor(float(part.query_ids.numel() + part.response_ids.numel())),
+            "real": (part.query_mask.sum() + part.mask.sum()).double(),
+            "batch_padded": torch.tensor(float(rows * (batch.query_ids.shape[1] + batch.response_ids.shape[1])))}
+
+
 def micro_loss(learner: Learner, mb: Rollouts, beta: float, weights: Tensor, stat_weights: Tensor
                ) -> tuple[Tensor, dict[str, dict]]:
     """The loss of the micro-batch `mb`, sum(weights * per-token loss), and its parts' statistics by prefix (each
     a share of the minibatch's value: they add up over micro-batches and processes): the policy loss as
     configured (clipped surrogate or CISPO, token or sequence ratio), the clipped value loss with a critic, the KL
     term with kl_in_loss, and the entropy bonus with entropy_coef."""
-    c, sampler = learner.config, learner.sampler
-    logits, vpred = learner.forward(mb.query_ids, mb.query_mask, mb.response_ids)
-    new_logprobs, _, _, entropy = policy_logprobs(sampler, logits, mb.query_ids, mb.query_mask, mb.response_ids,
-                                                  mb.flipped, entropy=c.entropy_coef > 0)
+    c = learner.config
+    replay = TokenReplay(learner.sampler, mb.query_ids, mb.query_mask, mb.response_ids, mb.flipped, kl=c.kl_in_loss,
+                         entropy=c.entropy_coef > 0)
+    out, vpred = learner.forward(mb.query_ids, mb.query_mask, mb.response_ids, replay)
     # Nothing below sees padding: after EOS it may replay to -inf (top-k), and exp(inf) * 0 is nan.
-    new_logprobs = torch.where(mb.mask.bool(), new_logprobs, mb.logprobs)
+    new_logprobs = torch.where(mb.mask.bool(), out["logprobs"], mb.logprobs)
     mask = mb.train_mask
     # rollout correction: the engine's importance weights scale the policy term only (trainers/behaviour.py)
     loss, parts = learner.policy_loss(new_logprobs, mb.logprobs, mb.advantages, mask, stat_weights=stat_weights,
@@ -146,10 +164,11 @@ def micro_loss(learner: Learner, mb: Rollouts, beta: float, weights: Tensor, sta
                                            stat_weights=stat_weights)
         loss = loss + c.vf_coef * vf
     if c.kl_in_loss:
-        kl, parts["ppo/kl_loss/"] = kl_penalty(kl_logprobs(sampler, logits, new_logprobs, mb.response_ids),
-                                               mb.ref_logprobs, mask, learner.estimator.fn, weights=weights)
+        kl_logprobs = torch.where(mb.mask.bool(), out["kl_logprobs"], mb.logprobs)
+        kl, parts["ppo/kl_loss/"] = kl_penalty(kl_logprobs, mb.ref_logprobs, mask, learner.estimator.fn,
+                                               weights=weights)
         loss = loss + beta * kl
-    if entropy is not None:
-        bonus, parts["ppo/entropy_loss/"] = entropy_bonus(entropy, mask, weights=weights)
+    if "entropy" in out:
+        bonus, parts["ppo/entropy_loss/"] = entropy_bonus(out["entropy"], mask, weights=weights)
         loss = loss + c.entropy_coef * bonus
     return loss, parts
