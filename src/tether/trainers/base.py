@@ -201,8 +201,7 @@ class RLTrainer:
         self.kl_ctl.update(seqs["kl"].mean().item(), c.batch_size)  # 7
         self.progress.step += 1
         stats = step_metrics(comm, batch, seqs, beta, self.scheduler.get_last_lr()[0], self.eos_token_ids,
-                             self.progress.support_flips, train_stats)
-        stats.update(engine_stats)  # rollout/mismatch_*, rollout/correction_*
+                             self.progress.support_flips, {**train_stats, **engine_stats})  # + rollout/mismatch_*
         stats.update({"time/score": t_score - t0, "time/optimise": t_optimise, "time/step": time.perf_counter() - t0})
         warn_if_negative_kl(seqs["estimate"], self.step_count)
         self.faults.record(train_stats["faults/skipped_minibatches"] > 0, "a minibatch loss or gradient was nan/inf",
