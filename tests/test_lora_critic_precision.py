@@ -360,23 +360,43 @@ def test_reference_linears_stored_in_bf16_give_the_same_logits_under_autocast(ma
 
 
 def test_fp32_attention_leaves_alone_a_model_whose_outputs_it_would_change():
-    """Gemma 4's layers that share keys and values take another path unless the attention is named "sdpa";
-    the probe forward sees the difference and the model keeps sdpa."""
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "Gemma4TextConfig"):
-        pytest.skip("this transformers has no Gemma 4")
+    """Some modelling code takes another path unless the attention is named "sdpa" (Gemma 4's layers that share
+    keys and values do in transformers 5.20 and later; 5.16-5.19, which the vllm extra pins, do not): the probe
+    forward sees the difference and the model keeps sdpa. A Llama made to depend on the name stands in for such
+    code on every transformers version."""
     from tether.models.attention import fp32_attention_on_cpu
 
-    cfg = transformers.Gemma4TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                        num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2,
-                                        sliding_window=4)
-    torch.manual_seed(0)
-    gemma = transformers.Gemma4ForCausalLM(cfg).eval()
-    assert fp32_attention_on_cpu(gemma) is False and gemma.config._attn_implementation == "sdpa"
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1)).eval()
-    assert fp32_attention_on_cpu(llama) is True and llama.config._attn_implementation == FP32_SDPA
+    def llama():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1)).eval()
+
+    named = llama()
+    named.model.norm.register_forward_hook(
+        lambda m, i, out: out if named.config._attn_implementation == "sdpa" else out + 1)
+    assert fp32_attention_on_cpu(named) is False and named.config._attn_implementation == "sdpa"
+    plain = llama()
+    assert fp32_attention_on_cpu(plain) is True and plain.config._attn_implementation == FP32_SDPA
+
+    import transformers
+
+    if hasattr(transformers, "Gemma4TextConfig") and _gemma4_shares_kv_by_name():
+        cfg = transformers.Gemma4TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                            num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                            num_kv_shared_layers=2,
+                                            layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=4)
+        torch.manual_seed(0)
+        gemma = transformers.Gemma4ForCausalLM(cfg).eval()
+        assert fp32_attention_on_cpu(gemma) is False and gemma.config._attn_implementation == "sdpa"
+
+
+def _gemma4_shares_kv_by_name() -> bool:
+    """Whether this transformers' Gemma 4 picks its shared key/value path by the attention's name (5.20 on)."""
+    import inspect
+
+    import transformers.models.gemma4.modeling_gemma4 as gemma4
+
+    return '"sdpa"' in inspect.getsource(gemma4)
 
 
 def test_reference_linears_stay_as_they_are_when_bf16_storage_would_change_the_outputs():

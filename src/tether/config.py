@@ -109,6 +109,29 @@ class PPOConfig:
     """Other `generate` settings. Only listed so that settings tether cannot replay (beam search, greedy,
     contrastive search, ...) are refused by name rather than ignored."""
 
+    # --- rollout engine (docs/vllm.md) ---------------------------------------------------------
+    rollout_engine: Literal["tether", "vllm"] = "tether"
+    """Who samples: tether (its own decoding loop) or vllm (a vLLM engine in the trainer's process, `pip install
+    'tether[vllm]'`, fed the trained weights before each generation that follows an update). Either way the trainer
+    replays the sampling settings on its own logits to score the tokens."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """With vllm: the share of the GPU's memory vLLM takes for weights and KV cache (TRL's colocate default);
+    unused on the CPU, where VLLM_CPU_KVCACHE_SPACE (GiB) sizes the cache."""
+    vllm_max_model_len: int | None = None
+    """With vllm: the longest prompt + completion the engine serves (default: longest prompt + max_new_tokens)."""
+    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """With vllm: the engine's weights and arithmetic; auto follows `precision` (fp32: float32, bf16: bfloat16)."""
+    vllm_enforce_eager: bool = False
+    """With vllm: no CUDA graphs or compilation (the engine builds in seconds, decodes slower on a GPU)."""
+    rollout_correction: Literal["none", "tis", "mis"] | None = None
+    """Importance weights pi_trainer / pi_engine on the policy loss for the engine/trainer log-prob gap: tis
+    truncates them at rollout_correction_cap, mis drops tokens (or sequences) above it (Yao et al. 2025). Default:
+    tis with vllm, none with tether (its log-probs are the trainer's own)."""
+    rollout_correction_level: Literal["token", "sequence"] = "token"
+    """One weight per token, or per sequence (the product of its tokens' weights)."""
+    rollout_correction_cap: float = 2.0
+    """The cap C of rollout_correction (2 in Yao et al. 2025 and veRL; TRL uses 3 for sequence masking)."""
+
     # --- KL tether ------------------------------------------------------------------------
     kl_in_loss: bool | None = None
     """Where the KL tether acts: false puts -beta * KL in the reward (ppo, rloo, reinforce++ default), true
@@ -282,6 +305,8 @@ class PPOConfig:
                 object.__setattr__(self, key, value)
         if self.kl_estimator is None:
             object.__setattr__(self, "kl_estimator", "k3" if self.kl_in_loss else "kl")
+        if self.rollout_correction is None:  # on by default where the engine is not the trainer
+            object.__setattr__(self, "rollout_correction", "tis" if self.rollout_engine == "vllm" else "none")
         errors = ["cliprange_low with policy_loss=cispo: CISPO caps its importance weight from above only "
                   "(1 + cliprange_high); leave cliprange_low unset"] if (
             self.policy_loss == "cispo" and self.cliprange_low is not None) else []

@@ -71,6 +71,9 @@ def config_errors(c) -> list[str]:
     if c.eval_sampling not in ("greedy", "train"):
         problems.append(f"eval_sampling={c.eval_sampling!r} must be greedy or train")
     problems.extend(_loss_errors(c))
+    from tether.rollout.engines import engine_errors  # the rules live beside the engines
+
+    problems.extend(engine_errors(c))
     problems.extend(scheduler_and_device_errors(c))
     problems.extend(tracker_key_errors(c))
     from tether.rollout.sampling import generation_kwargs_errors  # the rules live beside the sampler

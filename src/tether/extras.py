@@ -21,6 +21,10 @@ def needed_extras(config, demo: bool = False) -> list[Extra]:
         extras.append(Extra("peft", "pip install 'tether[peft]'", f"lora_r={config.lora_r}"))
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
         extras.append(Extra("deepspeed", "pip install deepspeed", "the launch's DeepSpeed config"))
+    if getattr(config, "rollout_engine", "tether") == "vllm":
+        from tether.rollout.vllm_engine import PIP
+
+        extras.append(Extra("vllm", PIP, "rollout_engine=vllm"))
     reward = config.reward if isinstance(config.reward, str) else ""
     if (demo and not reward) or reward.startswith("tether.demo:vader"):
         extras.append(Extra("vaderSentiment", "pip install vaderSentiment", "the demo's VADER reward"))

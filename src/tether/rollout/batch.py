@@ -13,13 +13,15 @@ class Generation:
     queries: list[Tensor]  # each (P_i,) prompt ids, unpadded
     responses: list[Tensor]  # each (T_i,) sampled ids up to and including the first EOS
     texts: list[str]  # decoded responses
+    logprobs: list[Tensor] | None = None  # each (T_i,) log mu(a_t | s_t): the rollout engine's, processed
 
 
 @dataclass
 class Rollouts:
     """One step's rollouts. B rows, P prompt and T response positions; every (B, T) tensor is 0 outside `mask`.
-    pi_old is the policy that sampled, under the sampler's processing; ref the frozen reference at the sampling
-    temperature."""
+    pi_old is the policy that sampled, under the sampler's processing, as the trainer computes it; ref the frozen
+    reference at the sampling temperature; mu the rollout engine's own numbers for pi_old (vLLM's kernels: close to
+    pi_old, not equal; rollout/engines.py)."""
 
     # what was sampled
     query_ids: Tensor  # (B, P) left-padded prompt ids
@@ -27,7 +29,7 @@ class Rollouts:
     response_ids: Tensor  # (B, T) a_t, right-padded
     mask: Tensor  # (B, T) response mask: up to and including the first EOS
     # scored once after sampling (trainers/scoring.py)
-    logprobs: Tensor  # (B, T) log pi_old(a_t | s_t), sampling-processed: the behaviour log-probs
+    logprobs: Tensor  # (B, T) log pi_old(a_t | s_t), sampling-processed, the trainer's replay: the PPO ratio's base
     ref_logprobs: Tensor  # (B, T) log ref_T(a_t | s_t)
     flipped: Tensor  # (B, T) bool: sampled at a top-k/top-p boundary, outside the replayed support by round-off
     values: Tensor | None  # (B, T) V_old(s_t); None for critic-free algorithms
@@ -41,6 +43,9 @@ class Rollouts:
     non_score: Tensor | None = None  # (B, T) the KL part of the per-token reward, -beta * KL_t (0 in the loss)
     loss_mask: Tensor | None = None  # (B, T) the tokens the loss trains on, when not all of `mask`: rows left out
     # (overlong: mask, the zero-variance fill of dynamic sampling) are 0
+    # from the rollout engine (trainers/behaviour.py)
+    engine_logprobs: Tensor | None = None  # (B, T) log mu(a_t | s_t), the engine's log-probs of what it sampled
+    correction: Tensor | None = None  # (B, T) rollout correction weight ~ pi_old / mu, capped, no grad; None: off
 
     @property
     def train_mask(self) -> Tensor:

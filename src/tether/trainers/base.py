@@ -34,9 +34,10 @@ from tether.report import build_report
 from tether.rewards import COMPLETION_INFO, accepted_keywords
 from tether.rollout import Sampler
 from tether.rollout.batch import Generation, Rollouts
+from tether.rollout.engines import build_engine, check_engine
 from tether.chat import load_chat_prompts
 from tether.trainers.assemble import build_models, column_names, prompt_fields
-from tether.trainers.batching import left_pad
+from tether.trainers.behaviour import correction_for, with_behaviour
 from tether.trainers.checkpoint import hold_output_dir, maybe_resume, save_trained, write_checkpoint
 from tether.trainers.collect import collect, length_shaped, loss_rows
 from tether.trainers.guards import FaultCounter, warn_if_negative_kl
@@ -71,6 +72,7 @@ class RLTrainer:
                              "ref_model cannot be given as well")
         self.ranks = Ranks(cpu=c.device == "cpu")
         self.comm = self.ranks.comm  # the collectives the step's statistics need
+        check_engine(c, logits_processors, self.ranks.sharding if self.ranks.sharded else "")  # before models load
         if c.lora_r and self.ranks.sharded:
             raise ValueError("LoRA (lora_r > 0) with sharded parameters (DeepSpeed ZeRO-3, FSDP) is not supported "
                              "yet: run LoRA on DDP or ZeRO-2; the adapter is small and the frozen base needs no "
@@ -124,6 +126,7 @@ class RLTrainer:
         clip_groups = [[p for p in m.parameters() if p.requires_grad]
                        for m in ([self.policy, self.critic] if self.critic is not None else [self.policy])]
         self.sample_generator = sample = torch.Generator(self.device).manual_seed(rank_seed(c.seed, self.comm.rank))
+        self.engine, self.correction = build_engine(self, sample), correction_for(c)  # rollout/engines.py
         shuffle = torch.Generator().manual_seed(c.seed + 1)  # minibatch partitions
         data = torch.Generator().manual_seed(c.seed + 2)  # prompt order
         self.progress = Progress(data)
@@ -153,24 +156,19 @@ class RLTrainer:
             raise ValueError("generate needs at least one query")
         query_tensors = [q if isinstance(q, Tensor) else self.encode(q, f"query {i}") for i, q in enumerate(queries)]
         check_token_rows(query_tensors, "query", self.vocab_size)
-        ids, mask = left_pad(query_tensors, self.tokenizer.pad_token_id)
-        with self.autocast():
-            rollout = self.trainable.rollout(self.sampler, ids.to(self.device), mask.to(self.device),
-                             self.config.max_new_tokens, self.tokenizer.pad_token_id, self.sample_generator,
-                             # sharded parameters: every process runs every decoding step until all are done
-                             all_done=(lambda ended: self.comm.all(bool(ended.all()))) if self.ranks.sharded else None)
-        lengths = rollout.response_mask.sum(-1).long().tolist()
-        responses = [rollout.response_ids[i, :n].cpu() for i, n in enumerate(lengths)]
-        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        return Generation([q.cpu() for q in query_tensors], responses, texts)
+        sampled = self.engine([q.cpu() for q in query_tensors])
+        texts = self.tokenizer.batch_decode(sampled.responses, skip_special_tokens=True)
+        return Generation([q.cpu() for q in query_tensors], sampled.responses, texts, sampled.logprobs)
 
-    def step(self, queries: list[Tensor], responses: list[Tensor], scores) -> dict[str, float]:
+    def step(self, queries: list[Tensor], responses: list[Tensor], scores,
+             behaviour_logprobs: list[Tensor] | None = None) -> dict[str, float]:
         """2-7. One update on rollouts sampled by `generate` (token ids, not re-tokenised text). With
-        num_generations = G > 1, rows k*G .. k*G + G - 1 must be completions of the same prompt."""
-        return self._step(queries, responses, scores)[0]
+        num_generations = G > 1, rows k*G .. k*G + G - 1 must be completions of the same prompt.
+        behaviour_logprobs: `Generation.logprobs` (the engine's: mismatch metrics, rollout_correction)."""
+        return self._step(queries, responses, scores, behaviour_logprobs=behaviour_logprobs)[0]
 
-    def _step(self, queries: list[Tensor], responses: list[Tensor], scores, keep: Tensor | None = None
-              ) -> tuple[dict[str, float], Tensor]:
+    def _step(self, queries: list[Tensor], responses: list[Tensor], scores, keep: Tensor | None = None,
+              behaviour_logprobs: list[Tensor] | None = None) -> tuple[dict[str, float], Tensor]:
         """step(), and each completion's exact KL (B,) for the samples the run logs. keep: (B,) bool, False on
         rows left out of the loss (dynamic sampling's fill)."""
         t0 = time.perf_counter()
@@ -185,6 +183,7 @@ class RLTrainer:
         if rows is not None:
             batch = replace(batch, loss_mask=batch.mask * rows.to(self.device)[:, None])
         self.progress.support_flips += int(batch.flipped.sum())
+        batch, engine_stats = with_behaviour(batch, behaviour_logprobs, self.correction, comm)  # 3b
         t_score = time.perf_counter()
         beta = self.kl_ctl.value
         batch = replace(batch, scores=process_scores(scores, c.score_scale, c.score_clip,  # 4
@@ -197,12 +196,13 @@ class RLTrainer:
         batch = replace(batch, advantages=advantages, returns=returns, non_score=non_score)
         t_optimise = time.perf_counter()
         train_stats = optimise(self.learner, batch, beta)  # 6
+        self.engine.weights_changed()  # the next generation samples from the updated weights
         t_optimise = time.perf_counter() - t_optimise
         seqs = gather_per_sequence(comm, batch, raw_scores, scores)
         self.kl_ctl.update(seqs["kl"].mean().item(), c.batch_size)  # 7
         self.progress.step += 1
         stats = step_metrics(comm, batch, seqs, beta, self.scheduler.get_last_lr()[0], self.eos_token_ids,
-                             self.progress.support_flips, train_stats)
+                             self.progress.support_flips, {**train_stats, **engine_stats})  # + rollout/mismatch_*
         stats.update({"time/score": t_score - t0, "time/optimise": t_optimise, "time/step": time.perf_counter() - t0})
         warn_if_negative_kl(seqs["estimate"], self.step_count)
         self.faults.record(train_stats["faults/skipped_minibatches"] > 0, "a minibatch loss or gradient was nan/inf",
@@ -252,7 +252,7 @@ class RLTrainer:
                 t0 = time.perf_counter()
                 got = collect(self)  # 1-2
                 gen, t_gen = got.generation, time.perf_counter() - t0
-                stats, kl_per_seq = self._step(gen.queries, gen.responses, got.scores, got.keep)  # 3-7
+                stats, kl_per_seq = self._step(gen.queries, gen.responses, got.scores, got.keep, gen.logprobs)  # 3-7
                 stats.update({**got.stats, **maybe_evaluate(self)})
                 rows = comm.gather_lists(list(zip(got.shown, gen.texts, got.scores.tolist(), kl_per_seq.tolist(),
                                                   map(len, gen.responses))))  # every process's rollouts, once
@@ -274,6 +274,7 @@ class RLTrainer:
     def resume(self) -> None:
         """Load the latest checkpoint in output_dir as the `resume` key says (train() calls it)."""
         maybe_resume(self.config, self.ranks, self.trainable, self.parts)
+        self.engine.weights_changed()  # the engine generates with the restored weights
 
     def save_checkpoint(self) -> Path:
         """On several processes every process must call it (it gathers each one's random state)."""

@@ -117,7 +117,8 @@ def _rows(got: Collected, rows) -> Collected:
     """The rows `rows` of `got`, every per-row field with them."""
     rows, g = list(rows), got.generation
     pick = lambda part: [part[i] for i in rows]  # noqa: E731
-    return Collected(pick(got.prompts), Generation(pick(g.queries), pick(g.responses), pick(g.texts)),
+    return Collected(pick(got.prompts), Generation(pick(g.queries), pick(g.responses), pick(g.texts),
+                                                   None if g.logprobs is None else pick(g.logprobs)),
                      got.scores[rows], shown=pick(got.shown), columns={k: pick(v) for k, v in got.columns.items()},
                      parts={k: v[rows] for k, v in got.parts.items()})
 
@@ -128,7 +129,8 @@ def _concat(parts: list[Collected]) -> Collected:
     first = parts[0]
     return Collected(cat(lambda p: p.prompts),
                      Generation(cat(lambda p: p.generation.queries), cat(lambda p: p.generation.responses),
-                                cat(lambda p: p.generation.texts)),
+                                cat(lambda p: p.generation.texts),
+                                None if first.generation.logprobs is None else cat(lambda p: p.generation.logprobs)),
                      torch.cat([p.scores for p in parts]), shown=cat(lambda p: p.shown),
                      columns={k: cat(lambda p: p.columns[k]) for k in first.columns},
                      parts={k: torch.cat([p.parts[k] for p in parts]) for k in first.parts})

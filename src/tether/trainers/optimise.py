@@ -155,8 +155,9 @@ def micro_loss(learner: Learner, mb: Rollouts, beta: float, weights: Tensor, sta
     # Nothing below sees padding: after EOS it may replay to -inf (top-k), and exp(inf) * 0 is nan.
     new_logprobs = torch.where(mb.mask.bool(), out["logprobs"], mb.logprobs)
     mask = mb.train_mask
-    loss, parts = learner.policy_loss(new_logprobs, mb.logprobs, mb.advantages, mask, weights=weights,
-                                      stat_weights=stat_weights)
+    # rollout correction: the engine's importance weights scale the policy term only (trainers/behaviour.py)
+    loss, parts = learner.policy_loss(new_logprobs, mb.logprobs, mb.advantages, mask, stat_weights=stat_weights,
+                                      weights=weights if mb.correction is None else weights * mb.correction)
     parts = {"ppo/policy/": parts}
     if mb.returns is not None:
         vf, parts["ppo/val/"] = value_loss(vpred, mb.values, mb.returns, mask, c.cliprange_value, weights=weights,
