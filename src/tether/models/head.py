@@ -97,12 +97,13 @@ def project_block(project: Callable[[Tensor], Tensor], part: Tensor) -> Tensor:
 @torch.no_grad()
 def separable_head(model: nn.Module) -> nn.Module | None:
     """The model's output embedding when its logits are exactly that module applied to the last hidden state of
-    its body (`base_model`, checked on a short probe), else None: a model that scales or soft-caps its logits after the head (Gemma 2's
-    final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling) is then scored from its own logits."""
+    its body (`base_model`, checked on a short probe), else None: a model that scales or soft-caps its logits
+    after the head (Gemma 2's final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling) is then
+    scored from its own logits."""
     head = model.get_output_embeddings()
     config = getattr(model, "config", None)
     body = getattr(model, "base_model", model)
-    if (head is None or body is model or any(getattr(config, key, None) not in (None, 1, 1.0) for key in _AFTER_HEAD)):
+    if head is None or body is model or any(getattr(config, key, None) not in (None, 1, 1.0) for key in _AFTER_HEAD):
         return None
     device = next(model.parameters()).device
     ids = torch.tensor([[1, 2, 3, 4]], device=device) % model.get_input_embeddings().num_embeddings
