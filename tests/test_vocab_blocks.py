@@ -155,3 +155,17 @@ def test_a_whole_step_is_the_same_in_blocks(tmp_path):
         assert s_small[key] == pytest.approx(s_large[key], abs=1e-6, rel=1e-5), key
     for a, b in zip(p_small, p_large):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_zero3_takes_one_block_per_micro_batch_and_refuses_explicit_blocks():
+    """Under ZeRO-3 each LM-head call gathers the head from every process, so all must make the same calls; the
+    number of blocks follows each process's own micro-batch shapes."""
+    from types import SimpleNamespace
+
+    from tether.trainers.assemble import logits_block_rows
+
+    zero3, ddp = SimpleNamespace(zero_stage=3), SimpleNamespace(zero_stage=0)
+    assert logits_block_rows(PPOConfig(logits_chunk_rows=3), ddp) == 3
+    assert logits_block_rows(PPOConfig(), zero3) >= 1 << 40
+    with pytest.raises(ValueError, match="logits_chunk_rows=3 under DeepSpeed ZeRO-3 is not supported"):
+        logits_block_rows(PPOConfig(logits_chunk_rows=3), zero3)

@@ -40,6 +40,7 @@ class Models:
 def build_models(c: PPOConfig, ranks: Ranks, device: torch.device, autocast_dtype: torch.dtype | None,
                  uses_critic: bool, tokenizer, model=None, ref_model=None, reward=None, local_batch: int = 1) -> Models:
     """The config's models, or the modules given (model, ref_model, reward override the config's keys)."""
+    chunk_rows = logits_block_rows(c, ranks)
     # Loaded whole on every process; under ZeRO-3 the engine shards the trained module when it is prepared.
     with ranks.whole_models():
         reward = reward if reward is not None else c.reward
@@ -58,7 +59,7 @@ def build_models(c: PPOConfig, ranks: Ranks, device: torch.device, autocast_dtyp
             if ref_vocab != vocab_size:
                 raise ValueError(f"the reference model's vocabulary ({ref_vocab}) differs from the policy's "
                                  f"({vocab_size}); the KL needs both over the same tokens")
-    policy = PolicyWithValueHead(lm, value_head=uses_critic and critic is None, logits_chunk_rows=c.logits_chunk_rows)
+    policy = PolicyWithValueHead(lm, value_head=uses_critic and critic is None, logits_chunk_rows=chunk_rows)
     # probed before the reference's linear layers go to bf16 (which only runs under autocast)
     ref_head = policy.head if ref is None else separable_head(ref)
     if autocast_dtype is not None and device.type == "cpu":  # bf16 autocast on the CPU
@@ -72,6 +73,19 @@ def build_models(c: PPOConfig, ranks: Ranks, device: torch.device, autocast_dtyp
         if critic is not None:
             enable_gradient_checkpointing(critic.body)
     return Models(policy, critic, ref, ref_head, peft, resolved, vocab_size)
+
+
+def logits_block_rows(c: PPOConfig, ranks: Ranks) -> int:
+    """The `logits_chunk_rows` the policy uses. Under DeepSpeed ZeRO-3 every call of the LM head gathers its weight
+    from all processes, so all must call it equally often; the number of blocks follows each process's own
+    micro-batch shapes, so there the whole micro-batch is one block (refused when set explicitly)."""
+    if ranks.zero_stage != 3:
+        return c.logits_chunk_rows
+    if c.logits_chunk_rows:
+        raise ValueError(f"logits_chunk_rows={c.logits_chunk_rows} under DeepSpeed ZeRO-3 is not supported: each LM-head "
+                         f"call gathers the head's weight from every process, and the number of blocks differs "
+                         f"between processes; leave it 0 (one block per micro-batch there), or use FSDP or ZeRO-2")
+    return 1 << 62
 
 
 def prompt_fields(rows: PromptRows | None, tokenizer) -> tuple[list | None, list[dict], list[str]]:
