@@ -242,7 +242,8 @@ class PPOConfig:
     this many (batch row, position) pairs, the block's log-probs, entropy and KL are taken, and its logits freed;
     with gradients each block is recomputed in the backward pass. 0: automatic, as many positions as make 2**23
     logits (32 MB in fp32: 55 positions of a 151,936-token vocabulary, 170 of SmolLM2's 49,152). Memory, not
-    results: any value gives the same numbers up to float round-off (docs/design.md, "Memory")."""
+    results: any value gives the same numbers up to float round-off (docs/design.md, "Memory"). Under DeepSpeed
+    ZeRO-3 a micro-batch is one block (0 only)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Forward passes in fp32, or under bf16 autocast (trained weights, optimiser and log-prob math stay fp32;
     the frozen reference keeps its linear layers in bf16, which autocast casts them to anyway).

@@ -8,9 +8,9 @@ reduces them to a few numbers per position (log-probs, entropy, KL), and lets th
 With gradients each block runs under `torch.utils.checkpoint`: its logits are computed again in the backward
 pass, one block at a time, instead of being kept from the forward pass.
 
-Everything here runs inside the trained module's forward (`PolicyWithValueHead.forward`), where FSDP and ZeRO-3
-have gathered the LM head's weight; the backward recompute calls the head module again, which their hooks
-gather in the same way.
+Everything here runs inside the trained module's forward (`PolicyWithValueHead.forward`), where FSDP has gathered
+the LM head's weight and keeps it for the backward recompute. Under DeepSpeed ZeRO-3, which gathers at every call
+of the head from all processes, a micro-batch is one block (`trainers/assemble.py: logits_block_rows`).
 """
 
 from collections.abc import Callable
