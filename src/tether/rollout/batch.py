@@ -17,6 +17,14 @@ class Generation:
 
 
 @dataclass
+class Sampled:
+    """What a rollout engine returns for a list of queries."""
+
+    responses: list[Tensor]  # each (T_i,) sampled ids up to and including the first EOS
+    logprobs: list[Tensor]  # each (T_i,) log mu(a_t | s_t): the engine's, under the processed distribution
+
+
+@dataclass
 class Rollouts:
     """One step's rollouts. B rows, P prompt and T response positions; every (B, T) tensor is 0 outside `mask`.
     pi_old is the policy that sampled, under the sampler's processing, as the trainer computes it; ref the frozen

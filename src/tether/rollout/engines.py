@@ -13,21 +13,17 @@ after every update (and after a resume), so that the next generation samples fro
 This module also holds the config rules of the engine keys (`engine_errors`, called by config_checks)."""
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
 import torch
 from torch import Tensor
+
+from tether.rollout.batch import Sampled  # noqa: F401 (what every engine returns)
 
 from tether.rollout.sampling import Sampler
 
 _VLLM_KEYS = ("vllm_gpu_memory_utilization", "vllm_max_model_len", "vllm_dtype", "vllm_enforce_eager")
 _CORRECTION_KEYS = ("rollout_correction_level", "rollout_correction_cap")
-
-
-@dataclass
-class Sampled:
-    responses: list[Tensor]  # each (T_i,) sampled ids up to and including the first EOS
-    logprobs: list[Tensor]  # each (T_i,) log mu(a_t | s_t): the engine's, under the processed distribution
 
 
 def engine_errors(c) -> list[str]:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from tether.rollout.engines import Sampled
+from tether.rollout.batch import Sampled
 
 PIP = "pip install 'tether[vllm]'  (vLLM's CPU build; on a CUDA machine: pip install vllm)"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
